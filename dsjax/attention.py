@@ -1,0 +1,139 @@
+"""Multi-head Latent Attention with DeepSeek Sparse Attention, in the absorbed (MQA) form (spec §4).
+
+Per token the keys and values are one latent row c (kv_lora_rank, 512) plus one rotary key k_pe (64),
+shared by all heads. `wkv_b` is folded into the queries (q_abs = q_nope · W_UK) and into the output
+(o = o_lat · W_UV), so attention runs over the latent and K/V are never expanded per head.
+
+Which keys a query sees:
+  * V3.2 with more keys than `index_topk`: the lightning indexer's top-k, via `pallas_kernels.sparse_mla`
+    (O(T·k) compute and memory).
+  * otherwise (V3, or every causal key fits in the top-k): all causal keys, via `pallas_kernels.dense_mla`.
+    For V3.2 this is exact, since the top-k then selects every visible key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels
+from dsjax import indexer
+from dsjax.config import Config
+from dsjax.layers import dense, rms_norm, weight
+from dsjax.rope import rope_halfsplit, rope_interleaved
+
+
+class Latents(NamedTuple):
+    """What one layer caches per token: the MLA latent, its rotary key, and the indexer key."""
+
+    kv: jax.Array  # [B, S, kv_lora_rank]
+    k_pe: jax.Array  # [B, S, qk_rope_head_dim]
+    index_k: jax.Array | None  # [B, S, index_head_dim] (V3.2 only)
+
+
+class Queries(NamedTuple):
+    """Per-token query-side tensors of one layer."""
+
+    q_abs: jax.Array  # [B, T, H, kv_lora_rank]  (q_nope · W_UK)
+    q_pe: jax.Array  # [B, T, H, qk_rope_head_dim]
+    index_q: jax.Array | None  # [B, T, Hi, Di]
+    index_w: jax.Array | None  # [B, T, Hi] f32
+
+
+def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array, config: Config) -> jax.Array:
+    return (rope_interleaved if config.rope_interleave else rope_halfsplit)(x, cos, sin)
+
+
+def project(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array,
+            config: Config) -> tuple[Queries, Latents]:
+    """Query and latent projections of MLA (and of the indexer, for V3.2).
+
+    x: [B, T, D] attn-normed hidden; cos/sin: [B, T, dr/2] for the tokens' positions.
+    """
+    c = config
+    h, dn, dr, r = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank
+    if c.q_lora_rank is None:
+        cq = None
+        q = dense(x, p["wq"], (c.hidden_size, h, c.qk_head_dim))
+    else:
+        cq = rms_norm(dense(x, p["wq_a"]), p["q_norm"], c.rms_norm_eps)
+        q = dense(cq, p["wq_b"], (c.q_lora_rank, h, c.qk_head_dim))
+    q_nope, q_pe = q[..., :dn], _rope(q[..., dn:], cos, sin, c)
+    kv = dense(x, p["wkv_a"])
+    latent = rms_norm(kv[..., :r], p["kv_norm"], c.rms_norm_eps)
+    k_pe = _rope(kv[..., r:], cos, sin, c)
+    w_uk = weight(p["wkv_b"], (r, h, dn + c.v_head_dim), x.dtype)[..., :dn]
+    q_abs = jnp.einsum("bthd,rhd->bthr", q_nope, w_uk, preferred_element_type=jnp.float32).astype(x.dtype)
+    iq = iw = ik = None
+    if c.has_indexer:
+        iq, iw, ik = indexer.project(p["indexer"], x, cq, cos, sin, c)
+    return Queries(q_abs, q_pe, iq, iw), Latents(latent, k_pe, ik)
+
+
+def attend(q: Queries, kv: Latents, config: Config, *, q_positions: jax.Array, k_positions: jax.Array,
+           q_segment_ids: jax.Array | None = None, k_segment_ids: jax.Array | None = None) -> jax.Array:
+    """Latent attention output o_lat [B, T, H, kv_lora_rank] of queries over cached latents.
+
+    Positions decide causality (k_pos <= q_pos; padding keys have k_pos = -1); segment ids keep packed
+    documents apart. The indexer runs only when it can prune: more keys than `index_topk`.
+    """
+    c = config
+    n_keys = kv.kv.shape[1]
+    if c.has_indexer and n_keys > c.index_topk:
+        idx = indexer.select(q.index_q, q.index_w, kv.index_k, config=c, q_positions=q_positions,
+                             k_positions=k_positions, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids)
+        return pallas_kernels.sparse_mla(q.q_abs, q.q_pe, kv.kv, kv.k_pe, idx, scale=c.softmax_scale,
+                                         backend=c.attention_backend, interpret=c.kernel_interpret)
+    return pallas_kernels.dense_mla(q.q_abs, q.q_pe, kv.kv, kv.k_pe, scale=c.softmax_scale,
+                                    q_positions=q_positions, k_positions=k_positions,
+                                    q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
+                                    backend=c.attention_backend, interpret=c.kernel_interpret)
+
+
+def output(p: Mapping[str, Any], o_lat: jax.Array, config: Config) -> jax.Array:
+    """Un-absorb and project: o = o_lat · W_UV per head, then wo. o_lat [B, T, H, C] -> [B, T, D]."""
+    c = config
+    h, dn, r = c.num_attention_heads, c.qk_nope_head_dim, c.kv_lora_rank
+    w_uv = weight(p["wkv_b"], (r, h, dn + c.v_head_dim), o_lat.dtype)[..., dn:]
+    o = jnp.einsum("bthr,rhv->bthv", o_lat, w_uv, preferred_element_type=jnp.float32).astype(o_lat.dtype)
+    wo = weight(p["wo"], (h, c.v_head_dim, c.hidden_size), o.dtype)
+    return jnp.einsum("bthv,hvd->btd", o, wo, preferred_element_type=jnp.float32).astype(o.dtype)
+
+
+def write_latents(cache: Latents, new: Latents, positions: jax.Array) -> Latents:
+    """Store the new tokens' latents at their positions. cache leaves [B, S, .], new [B, T, .],
+    positions [B, T]; positions < 0 (padding) are dropped."""
+    s = cache.kv.shape[1]
+    pos = jnp.where(positions >= 0, positions, s)
+
+    def put(c, n):
+        if c is None:
+            return None
+        return jax.vmap(lambda cb, nb, pb: cb.at[pb].set(nb.astype(cb.dtype), mode="drop"))(c, n, pos)
+
+    return Latents(*(put(c, n) for c, n in zip(cache, new)))
+
+
+def mla(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array, config: Config, *,
+        positions: jax.Array, segment_ids: jax.Array | None = None,
+        cache: Latents | None = None) -> tuple[jax.Array, Latents | None]:
+    """MLA (+ DSA) self-attention of new tokens x [B, T, D] -> ([B, T, D], updated cache).
+
+    Without a cache the tokens attend to each other (training, one-shot prefill). With a cache (leaves
+    [B, S_max, .], slot index = position) their latents are written at `positions` first and the
+    queries attend over the whole cache; slots past a query's position are invisible by causality.
+    """
+    q, kv = project(p, x, cos, sin, config)
+    if cache is None:
+        o_lat = attend(q, kv, config, q_positions=positions, k_positions=positions,
+                       q_segment_ids=segment_ids, k_segment_ids=segment_ids)
+        return output(p, o_lat, config), None
+    if segment_ids is not None:
+        raise ValueError("segment_ids (packed rows) are not supported together with a KV cache.")
+    cache = write_latents(cache, kv, positions)
+    b, s = cache.kv.shape[:2]
+    k_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    o_lat = attend(q, cache, config, q_positions=positions, k_positions=k_positions)
+    return output(p, o_lat, config), cache

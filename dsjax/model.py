@@ -1,0 +1,189 @@
+"""The DeepSeek V3 / V3.2 transformer as pure functions over the params pytree.
+
+    tokens -> embed -> dense stack (scan) -> MoE stack (scan) -> final norm -> lm head   (-> MTP)
+
+Each block is pre-norm with the official fused residual (spec §2.3): the carry is (h, resid) and every
+norm sees the unrounded fp32 sum h + resid. Layer stacks run under `jax.lax.scan`, so compile time does
+not grow with depth.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsjax import attention, moe as moe_lib
+from dsjax.config import Config
+from dsjax.layers import add_rms_norm, dense_fp32, rms_norm, swiglu, weight
+from dsjax.rope import cos_sin
+
+Params = Mapping[str, Any]
+
+
+class Aux(NamedTuple):
+    """Side outputs of a forward pass."""
+
+    hidden: jax.Array  # [B, L, D] final-normed hidden state (the MTP module's input)
+    moe_load: jax.Array | None  # f32 [L_moe, B, E] routed-slot fraction per expert, per layer and sequence
+    moe_score: jax.Array | None  # f32 [L_moe, B, E] mean normalised affinity per expert
+    cache: dict[str, Any] | None = None  # updated KV cache {"dense": Latents, "moe": Latents} (leading layer axis)
+
+
+def embed(params: Params, tokens: jax.Array, config: Config) -> jax.Array:
+    """Token embedding in the compute dtype. tokens: int [B, L] -> [B, L, D]."""
+    return jnp.take(weight(params["embed"]), tokens, axis=0).astype(config.compute_dtype)
+
+
+def block(p: Params, carry: tuple[jax.Array, jax.Array], cos: jax.Array, sin: jax.Array, config: Config, *,
+          positions: jax.Array, segment_ids: jax.Array | None, is_moe: bool,
+          cache: attention.Latents | None = None):
+    """One decoder layer on the (h, resid) carry -> (new carry, MoE stats or None, updated cache or None)."""
+    h, resid = carry
+    eps = config.rms_norm_eps
+    x, resid = add_rms_norm(h, resid, p["attn_norm"], eps)
+    a, cache = attention.mla(p["attn"], x, cos, sin, config, positions=positions, segment_ids=segment_ids,
+                             cache=cache)
+    x, resid = add_rms_norm(a, resid, p["mlp_norm"], eps)
+    if is_moe:
+        f, stats = moe_lib.moe(p["moe"], x, config)
+    else:
+        f, stats = swiglu(x, p["mlp"]), None
+    return (f, resid), stats, cache
+
+
+def _stack(stack: Params, carry, cos, sin, config: Config, *, positions, segment_ids, is_moe: bool,
+           remat: str | None, cache: attention.Latents | None):
+    fn = functools.partial(block, cos=cos, sin=sin, config=config, positions=positions,
+                           segment_ids=segment_ids, is_moe=is_moe)
+    if remat is not None:
+        fn = jax.checkpoint(fn, policy=remat_policy(remat))
+
+    def step(c, xs):
+        p, layer_cache = xs
+        c, stats, layer_cache = fn(p, c, cache=layer_cache)
+        return c, (stats, layer_cache)
+
+    carry, (stats, cache) = jax.lax.scan(step, carry, (stack, cache))
+    return carry, stats, cache
+
+
+def remat_policy(name: str):
+    """Named rematerialisation policies for the layer scan ("full", "dots", "dots_no_batch", "none")."""
+    policies = {
+        "full": None,  # save nothing but the layer inputs
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        "none": jax.checkpoint_policies.everything_saveable,
+    }
+    if name not in policies:
+        raise ValueError(f"remat={name!r}: expected one of {sorted(policies)}.")
+    return policies[name]
+
+
+def default_positions(tokens: jax.Array) -> jax.Array:
+    b, l = tokens.shape
+    return jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+
+
+def forward_hidden(params: Params, tokens: jax.Array, config: Config, *, positions: jax.Array | None = None,
+                   segment_ids: jax.Array | None = None, remat: str | None = None,
+                   cache: Mapping[str, attention.Latents] | None = None) -> Aux:
+    """Run the decoder stacks; returns the final-normed hidden state and routing statistics.
+
+    tokens: int32 [B, L]; positions: int32 [B, L] (default arange; RoPE angle and causal order);
+    segment_ids: int32 [B, L] for packed rows (attention and the indexer never cross segments).
+    cache: optional {"dense": Latents, "moe": Latents} with leaves [L_stack, B, S_max, .]; the new tokens'
+    latents are written at `positions` and attention reads the whole cache (prefill / decode).
+    """
+    c = config
+    positions = default_positions(tokens) if positions is None else positions.astype(jnp.int32)
+    cos, sin = cos_sin(c, positions)
+    h = embed(params, tokens, c)
+    carry = (h, jnp.zeros_like(h))  # zero residual: layer 0's fused norm then sees h exactly
+    kw = dict(positions=positions, segment_ids=segment_ids, remat=remat)
+    new_cache = {} if cache is not None else None
+    if c.n_dense_layers:
+        carry, _, lc = _stack(params["dense"], carry, cos, sin, c, is_moe=False,
+                              cache=None if cache is None else cache["dense"], **kw)
+        if cache is not None:
+            new_cache["dense"] = lc
+    load = score = None
+    if c.n_moe_layers:
+        carry, stats, lc = _stack(params["moe"], carry, cos, sin, c, is_moe=True,
+                                  cache=None if cache is None else cache["moe"], **kw)
+        load, score = stats.load, stats.mean_score
+        if cache is not None:
+            new_cache["moe"] = lc
+    f, resid = carry
+    hidden, _ = add_rms_norm(f, resid, params["final_norm"], c.rms_norm_eps)
+    return Aux(hidden, load, score, new_cache)
+
+
+def lm_head(params: Params, hidden: jax.Array) -> jax.Array:
+    """Logits in true fp32 (official: fp32 head weight, fp32 matmul). hidden [..., D] -> [..., V]."""
+    return dense_fp32(hidden, params["lm_head"])
+
+
+def forward_with_aux(params: Params, tokens: jax.Array, config: Config, *, positions: jax.Array | None = None,
+                     segment_ids: jax.Array | None = None, remat: str | None = None) -> tuple[jax.Array, Aux]:
+    """(logits f32 [B, L, V], Aux). Pure and jittable; no input validation (see `forward`)."""
+    aux = forward_hidden(params, tokens, config, positions=positions, segment_ids=segment_ids, remat=remat)
+    return lm_head(params, aux.hidden), aux
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _forward_jit(params, tokens, config, positions, segment_ids):
+    return forward_with_aux(params, tokens, config, positions=positions, segment_ids=segment_ids)[0]
+
+
+def check_tokens(tokens: Any, config: Config, *, what: str = "tokens") -> None:
+    """Raise one clear ValueError for malformed token input (only when the values are concrete)."""
+    if isinstance(tokens, jax.core.Tracer):
+        shape = tokens.shape
+    else:
+        arr = np.asarray(tokens)
+        shape = arr.shape
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{what} must be integer token ids, got dtype {arr.dtype}.")
+        if arr.size and (arr.min() < 0 or arr.max() >= config.vocab_size):
+            bad = int(arr.max()) if arr.max() >= config.vocab_size else int(arr.min())
+            raise ValueError(f"{what} contain id {bad}, outside the vocabulary [0, {config.vocab_size}); "
+                             "check the tokenizer matches the model.")
+    if len(shape) != 2:
+        raise ValueError(f"{what} must have shape [batch, length], got {tuple(shape)}.")
+    if shape[1] > config.max_position_embeddings:
+        raise ValueError(f"sequence length {shape[1]} exceeds max_position_embeddings="
+                         f"{config.max_position_embeddings}; truncate or chunk the input.")
+
+
+def forward(params: Params, tokens: Any, config: Config, *, positions: Any = None, segment_ids: Any = None,
+            mesh: Any = None) -> jax.Array:
+    """Logits of a batch of token sequences.
+
+    Args:
+      params: the params pytree (`dsjax.init_params` or `checkpoints.load_hf` / `checkpoints.load`).
+      tokens: int32 [B, L] token ids, each < vocab_size; L <= max_position_embeddings.
+      config: the model `Config` (static).
+      positions: optional int32 [B, L] positions (default 0..L-1).
+      segment_ids: optional int32 [B, L] packed-document ids; attention never crosses them.
+      mesh: optional `jax.sharding.Mesh`; params and activations follow `sharding` rules on it.
+    Returns:
+      float32 logits [B, L, vocab_size].
+    """
+    check_tokens(tokens, config)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if positions is not None:
+        positions = jnp.asarray(positions, jnp.int32)
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    if mesh is not None:
+        import sharding  # local import: sharding depends on the model
+
+        if not hasattr(sharding, "sharded_forward"):
+            raise NotImplementedError("forward(mesh=...) needs sharding.sharded_forward, which this build lacks.")
+        return sharding.sharded_forward(params, tokens, config, mesh, positions=positions, segment_ids=segment_ids)
+    return _forward_jit(params, tokens, config, positions, segment_ids)

@@ -1,0 +1,141 @@
+"""DeepSeekMoE: the sigmoid gate with group-limited routing, and dropless expert dispatch (spec §6.2).
+
+route():     scores s = sigmoid(x·W_g) in fp32; the correction bias is added only to *choose* experts
+             (group score = sum of the top-2 biased scores per group, keep `topk_group` groups, then the
+             top `num_experts_per_tok` experts); the combine weights are the *unbiased* s of the chosen
+             experts, renormalised to sum 1 and scaled by `routed_scaling_factor`.
+dispatch():  dropless: the (token, slot) pairs are sorted by expert and run through grouped matmuls
+             (`jax.lax.ragged_dot`, or a blocked scan on CPU where ragged_dot lowers to a dense E-fold
+             masked matmul); the weighted expert outputs are summed back per token in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dsjax.config import Config
+from dsjax.layers import dense_fp32, swiglu, weight
+
+
+class Routing(NamedTuple):
+    weights: jax.Array  # f32 [N, k] combine weights (unbiased, normalised, scaled)
+    experts: jax.Array  # int32 [N, k] chosen expert ids
+    scores: jax.Array  # f32 [N, E] unbiased sigmoid affinities (for balance losses)
+
+
+def route(x: jax.Array, router: jax.Array, bias: jax.Array, config: Config) -> Routing:
+    """Choose experts for tokens x [N, D] with router [D, E] (fp32) and correction bias [E]."""
+    c = config
+    n = x.shape[0]
+    e, g = c.n_routed_experts, c.n_group
+    scores = jax.nn.sigmoid(dense_fp32(x, router))
+    biased = scores + bias.astype(jnp.float32)
+    if g > 1:
+        grouped = biased.reshape(n, g, e // g)
+        group_score = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [N, G]
+        _, keep = jax.lax.top_k(group_score, c.topk_group)
+        group_mask = jnp.zeros((n, g), bool).at[jnp.arange(n)[:, None], keep].set(True)
+        biased = jnp.where(jnp.repeat(group_mask, e // g, axis=1), biased, -jnp.inf)
+    _, experts = jax.lax.top_k(biased, c.num_experts_per_tok)
+    w = jnp.take_along_axis(scores, experts, axis=-1)
+    if c.norm_topk_prob:
+        w = w / jnp.sum(w, axis=-1, keepdims=True)
+    return Routing(w * c.routed_scaling_factor, experts.astype(jnp.int32), scores)
+
+
+def _grouped_matmul_blocked(x: jax.Array, w: jax.Array, group_sizes: jax.Array, block: int) -> jax.Array:
+    """Grouped matmul by a scan over (row block, expert) tiles; FLOPs ~ (M + E·block)·D·F.
+
+    x: [M, D] rows sorted by group; w: [E, D, F]; group_sizes: [E] summing to M. Returns f32 [M, F].
+    Each tile multiplies one row block by one expert's weight and keeps only that expert's rows; there
+    are at most ceil(M/block) + E - 1 non-empty tiles (a static bound).
+    """
+    m, d = x.shape
+    e, _, f = w.shape
+    block = max(1, min(block, m))
+    nb = -(-m // block)
+    xp = jnp.pad(x, ((0, nb * block - m), (0, 0)))
+    ends = jnp.cumsum(group_sizes)
+    starts = ends - group_sizes
+    first = starts // block
+    last = jnp.maximum(ends - 1, 0) // block
+    ntiles = jnp.where(group_sizes > 0, last - first + 1, 0)
+    tile_end = jnp.cumsum(ntiles)
+    n_static = nb + e - 1
+
+    def step(out, t):
+        ex = jnp.minimum(jnp.searchsorted(tile_end, t, side="right"), e - 1)
+        blk = first[ex] + t - (tile_end[ex] - ntiles[ex])
+        live = t < tile_end[-1]
+        blk = jnp.where(live, blk, 0)
+        rows = blk * block + jnp.arange(block)
+        keep = live & (rows >= starts[ex]) & (rows < ends[ex])
+        xb = jax.lax.dynamic_slice_in_dim(xp, blk * block, block)
+        yb = jnp.dot(xb, w[ex].astype(x.dtype), preferred_element_type=jnp.float32)
+        cur = jax.lax.dynamic_slice_in_dim(out, blk * block, block)
+        return jax.lax.dynamic_update_slice_in_dim(out, cur + jnp.where(keep[:, None], yb, 0.0),
+                                                   blk * block, 0), None
+
+    out, _ = jax.lax.scan(step, jnp.zeros((nb * block, f), jnp.float32), jnp.arange(n_static))
+    return out[:m]
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, config: Config) -> jax.Array:
+    """Rows of x [M, D] (sorted by group) times their group's w [E, D, F] -> f32 [M, F]."""
+    impl = config.moe_impl
+    if impl == "auto":
+        impl = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+    if impl == "blocked":
+        return _grouped_matmul_blocked(x, w, group_sizes, config.moe_block_size)
+    return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes, preferred_element_type=jnp.float32)
+
+
+def experts_ffn(x_sorted: jax.Array, experts: Mapping[str, Any], group_sizes: jax.Array,
+                config: Config) -> jax.Array:
+    """SwiGLU of every row through its own expert. x_sorted [M, D] -> [M, D] (x dtype)."""
+    c = config
+    d, f = c.hidden_size, c.moe_intermediate_size
+    wg = weight(experts["gate"], (d, f), x_sorted.dtype)
+    wu = weight(experts["up"], (d, f), x_sorted.dtype)
+    wd = weight(experts["down"], (f, d), x_sorted.dtype)
+    g = grouped_matmul(x_sorted, wg, group_sizes, c)
+    u = grouped_matmul(x_sorted, wu, group_sizes, c)
+    z = (jax.nn.silu(g) * u).astype(x_sorted.dtype)
+    return grouped_matmul(z, wd, group_sizes, c).astype(x_sorted.dtype)
+
+
+def dispatch(x: jax.Array, r: Routing, experts: Mapping[str, Any], config: Config) -> jax.Array:
+    """Dropless routed-expert output for tokens x [N, D] -> f32 [N, D] (weighted sum over the k slots)."""
+    n, d = x.shape
+    k = r.experts.shape[1]
+    flat = r.experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=config.n_routed_experts).astype(jnp.int32)
+    y = experts_ffn(x[order // k], experts, group_sizes, config)
+    y = jnp.zeros((n * k, d), y.dtype).at[order].set(y)  # back to (token, slot) order
+    return jnp.einsum("nkd,nk->nd", y.reshape(n, k, d).astype(jnp.float32), r.weights)
+
+
+class MoEStats(NamedTuple):
+    """Per-layer routing statistics for balancing losses and the aux-loss-free bias update."""
+
+    load: jax.Array  # f32 [B, E]: per sequence, fraction of its T·k routed slots sent to each expert
+    mean_score: jax.Array  # f32 [B, E]: per sequence, mean normalised affinity s'_i (balance loss P_i)
+
+
+def moe(p: Mapping[str, Any], x: jax.Array, config: Config) -> tuple[jax.Array, MoEStats]:
+    """Shared expert + routed experts. x: [B, T, D] -> ([B, T, D], stats)."""
+    b, t, d = x.shape
+    xf = x.reshape(b * t, d)
+    r = route(xf, p["router"], p["bias"], config)
+    y = dispatch(xf, r, p["experts"], config)
+    if "shared" in p:
+        y = y + swiglu(xf, p["shared"]).astype(jnp.float32)
+    e = config.n_routed_experts
+    counts = jax.vmap(lambda ids: jnp.bincount(ids, length=e))(r.experts.reshape(b, -1)).astype(jnp.float32)
+    norm_scores = (r.scores / jnp.sum(r.scores, axis=-1, keepdims=True)).reshape(b, t, e)
+    stats = MoEStats(counts / (t * r.experts.shape[1]), jnp.mean(norm_scores, axis=1))
+    return y.astype(x.dtype).reshape(b, t, d), stats

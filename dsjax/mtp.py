@@ -1,0 +1,51 @@
+"""Multi-token prediction (spec §8): one extra block that predicts token i+2 from position i.
+
+    z = eh_proj([enorm(Emb(t_{i+1})), hnorm(h_i)])      # embedding first, as the released weights expect
+    z = Block(z)                                         # a full V3.2 layer with its own indexer
+    logits_{i+2} = lm_head(norm(z))                      # embedding table and head shared with the model
+
+h_i is the main model's final-normed hidden state (as vLLM / SGLang feed it). The MTP output after its
+norm is what a further draft step would use as h.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from dsjax.config import Config
+from dsjax.layers import add_rms_norm, dense, rms_norm
+from dsjax.model import block, default_positions, embed, lm_head
+from dsjax.rope import cos_sin
+
+
+def mtp_hidden(params: Mapping[str, Any], hidden: jax.Array, next_tokens: jax.Array, config: Config, *,
+               positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+    """MTP hidden state [B, L, D] from the main hidden [B, L, D] and the next tokens t_{i+1} [B, L]."""
+    c = config
+    if "mtp" not in params:
+        raise ValueError("these params have no MTP module (num_nextn_predict_layers=0 or not loaded).")
+    p = params["mtp"]
+    positions = default_positions(next_tokens) if positions is None else positions
+    cos, sin = cos_sin(c, positions)
+    e = rms_norm(embed(params, next_tokens, c), p["enorm"], c.rms_norm_eps)
+    h = rms_norm(hidden.astype(c.compute_dtype), p["hnorm"], c.rms_norm_eps)
+    z = dense(jnp.concatenate([e, h], axis=-1), p["eh_proj"])
+    (f, resid), _, _ = block(p["block"], (z, jnp.zeros_like(z)), cos, sin, c, positions=positions,
+                          segment_ids=segment_ids, is_moe=c.mtp_is_moe)
+    out, _ = add_rms_norm(f, resid, p["norm"], c.rms_norm_eps)
+    return out
+
+
+def mtp_logits(params: Mapping[str, Any], hidden: jax.Array, tokens: jax.Array, config: Config, *,
+               positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Logits f32 [B, L, V] where position i predicts token i+2.
+
+    tokens: the input tokens [B, L]; position i reads t_{i+1} (the last position reads a pad id 0 and
+    its output is meaningless). Train on positions 0..L-3 against tokens[:, 2:].
+    """
+    next_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    return lm_head(params, mtp_hidden(params, hidden, next_tokens, config, positions=positions,
+                                      segment_ids=segment_ids))

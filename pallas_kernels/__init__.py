@@ -1,0 +1,14 @@
+"""DSA ops with one dispatch each: TPU (Mosaic) kernel, GPU (Triton) kernel, or the XLA reference.
+
+`backend=None` picks from the default device: TPU -> "pallas_tpu", GPU -> "pallas_gpu", otherwise
+"xla" (`reference.py`, also the oracle every kernel is tested against). The model calls only these
+functions; the kernels know nothing about the model.
+"""
+
+from pallas_kernels import reference
+from pallas_kernels.dispatch import BACKENDS, resolve_backend
+from pallas_kernels.indexer import indexer_scores, indexer_topk
+from pallas_kernels.sparse_mla import dense_mla, sparse_mla, sparse_mla_with_lse
+
+__all__ = ["sparse_mla", "sparse_mla_with_lse", "dense_mla", "indexer_scores", "indexer_topk",
+           "resolve_backend", "BACKENDS", "reference"]

@@ -1,0 +1,302 @@
+"""Pure-JAX (XLA) implementations of the DSA ops: the CPU path and the oracle for every kernel.
+
+Memory stays O(T_chunk · K) (sparse) or O(T_chunk · S) (dense, indexer): every op scans over query
+chunks, and the sparse attention has a custom VJP that recomputes the gathered rows from the saved
+log-sum-exp instead of keeping `[T, K, 576]` gathers alive for the backward pass.
+
+Conventions shared with the kernels:
+  * `indices` entries < 0 are unused slots; a query with no valid slot returns zeros and lse = +inf.
+  * key `k` is visible to query `q` iff k_pos <= q_pos, k_pos >= 0 and (with segment ids) the segments
+    match. Padding keys carry position -1.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+_CHUNK_BUDGET_BYTES = 1 << 27  # per-chunk f32 working set of the XLA scans (128 MiB)
+
+
+# ----------------------------------------------------------------------------- helpers
+def auto_chunk(t: int, bytes_per_row: int, cap: int) -> int:
+    """Largest power-of-two query chunk <= cap whose working set fits the budget (at least 1)."""
+    c = max(1, min(cap, _CHUNK_BUDGET_BYTES // max(1, bytes_per_row), t))
+    return 1 << (c.bit_length() - 1)
+
+
+def _pad_axis1(x: jax.Array, n: int, value=0) -> jax.Array:
+    pad = n - x.shape[1]
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, pad)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _chunks(x: jax.Array, c: int) -> jax.Array:
+    """[B, T, ...] (T a multiple of c) -> [T/c, B, c, ...] for lax.scan."""
+    b, t = x.shape[:2]
+    return jnp.moveaxis(x.reshape((b, t // c, c) + x.shape[2:]), 1, 0)
+
+
+def _unchunk(x: jax.Array) -> jax.Array:
+    """[n, B, c, ...] -> [B, n*c, ...]."""
+    n, b, c = x.shape[:3]
+    return jnp.moveaxis(x, 0, 1).reshape((b, n * c) + x.shape[3:])
+
+
+def _gather_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x [B, S, D], idx [B, Tc, K] -> [B, Tc, K, D]."""
+    return jax.vmap(lambda xb, ib: xb[ib])(x, idx)
+
+
+def _scatter_add_rows(acc: jax.Array, idx: jax.Array, rows: jax.Array) -> jax.Array:
+    """acc [B, S, D] += rows [B, Tc, K, D] at idx [B, Tc, K]."""
+    b = acc.shape[0]
+    return jax.vmap(lambda a, i, r: a.at[i.reshape(-1)].add(r.reshape(-1, r.shape[-1])))(
+        acc, idx.reshape(b, -1), rows.reshape(b, -1, rows.shape[-1]))
+
+
+def visibility(q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array | None,
+               k_seg: jax.Array | None) -> jax.Array:
+    """[B, Tq] x [B, S] -> bool [B, Tq, S]: causal, non-padding, same segment."""
+    m = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)
+    if q_seg is not None:
+        m &= q_seg[:, :, None] == k_seg[:, None, :]
+    return m
+
+
+def _positions(x: jax.Array | None, b: int, n: int) -> jax.Array:
+    if x is None:
+        return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    x = jnp.asarray(x, jnp.int32)
+    return jnp.broadcast_to(x, (b, n)) if x.ndim == 1 else x
+
+
+# ----------------------------------------------------------------------------- sparse MLA
+def _sparse_fwd_chunk(qn, qr, kvn, kr, idx, scale):
+    """One query chunk. qn [B,c,H,Dc], qr [B,c,H,Dr], idx [B,c,K] -> out f32 [B,c,H,Dc], lse [B,c,H]."""
+    valid = idx >= 0
+    safe = jnp.where(valid, idx, 0)
+    kn = _gather_rows(kvn, safe).astype(F32)
+    kro = _gather_rows(kr, safe).astype(F32)
+    s = (jnp.einsum("bthc,btkc->bthk", qn.astype(F32), kn)
+         + jnp.einsum("bthr,btkr->bthk", qr.astype(F32), kro)) * scale
+    s = jnp.where(valid[:, :, None, :], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("bthk,btkc->bthc", p, kn) / jnp.where(l > 0, l, 1.0)
+    lse = jnp.where(l[..., 0] > 0, m[..., 0] + jnp.log(jnp.where(l[..., 0] > 0, l[..., 0], 1.0)), jnp.inf)
+    return out, lse
+
+
+def _sparse_bwd_chunk(qn, qr, kvn, kr, idx, out, lse, dout, dlse, scale):
+    """Gradients of one chunk; returns dqn, dqr and the per-slot key/value gradients to scatter.
+
+    With P = exp(S - lse): dS = P ⊙ (dO·Vᵀ - rowsum(dO ⊙ O) + dlse) (dlse: cotangent of the lse output).
+    """
+    valid = idx >= 0
+    safe = jnp.where(valid, idx, 0)
+    kn = _gather_rows(kvn, safe).astype(F32)
+    kro = _gather_rows(kr, safe).astype(F32)
+    qn, qr, dout = qn.astype(F32), qr.astype(F32), dout.astype(F32)
+    s = (jnp.einsum("bthc,btkc->bthk", qn, kn) + jnp.einsum("bthr,btkr->bthk", qr, kro)) * scale
+    p = jnp.where(valid[:, :, None, :], jnp.exp(s - lse[..., None]), 0.0)
+    delta = jnp.sum(dout * out.astype(F32), axis=-1, keepdims=True)
+    dp = jnp.einsum("bthc,btkc->bthk", dout, kn)
+    ds = p * (dp - delta + dlse.astype(F32)[..., None])
+    dqn = jnp.einsum("bthk,btkc->bthc", ds, kn) * scale
+    dqr = jnp.einsum("bthk,btkr->bthr", ds, kro) * scale
+    dkn = jnp.einsum("bthk,bthc->btkc", ds, qn) * scale + jnp.einsum("bthk,bthc->btkc", p, dout)
+    dkr = jnp.einsum("bthk,bthr->btkr", ds, qr) * scale
+    return dqn, dqr, safe, dkn, dkr
+
+
+def _sparse_scan_fwd(qn, qr, kvn, kr, idx, scale, chunk):
+    b, t = qn.shape[:2]
+    c = chunk
+    tp = -(-t // c) * c
+    xs = tuple(_chunks(_pad_axis1(a, tp, v), c) for a, v in ((qn, 0), (qr, 0), (idx, -1)))
+
+    def step(_, x):
+        o, lse = _sparse_fwd_chunk(x[0], x[1], kvn, kr, x[2], scale)
+        return None, (o.astype(qn.dtype), lse)
+
+    _, (o, lse) = jax.lax.scan(step, None, xs)
+    return _unchunk(o)[:, :t], _unchunk(lse)[:, :t]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _sparse_mla(qn, qr, kvn, kr, idx, scale, chunk):
+    return _sparse_scan_fwd(qn, qr, kvn, kr, idx, scale, chunk)
+
+
+def _sparse_mla_vjp_fwd(qn, qr, kvn, kr, idx, scale, chunk):
+    o, lse = _sparse_scan_fwd(qn, qr, kvn, kr, idx, scale, chunk)
+    return (o, lse), (qn, qr, kvn, kr, idx, o, lse)
+
+
+def _sparse_mla_vjp_bwd(scale, chunk, res, cot):
+    qn, qr, kvn, kr, idx, o, lse = res
+    do, dlse = cot
+    b, t = qn.shape[:2]
+    c = chunk
+    tp = -(-t // c) * c
+    xs = tuple(_chunks(_pad_axis1(a, tp, v), c) for a, v in
+               ((qn, 0), (qr, 0), (idx, -1), (o, 0), (lse, jnp.inf), (do, 0), (dlse, 0)))
+
+    def step(acc, x):
+        dqn, dqr, safe, dkn, dkr = _sparse_bwd_chunk(*x[:2], kvn, kr, *x[2:], scale)
+        acc = (_scatter_add_rows(acc[0], safe, dkn), _scatter_add_rows(acc[1], safe, dkr))
+        return acc, (dqn.astype(qn.dtype), dqr.astype(qr.dtype))
+
+    acc0 = (jnp.zeros(kvn.shape, F32), jnp.zeros(kr.shape, F32))
+    (dkvn, dkr), (dqn, dqr) = jax.lax.scan(step, acc0, xs)
+    return (_unchunk(dqn)[:, :t], _unchunk(dqr)[:, :t], dkvn.astype(kvn.dtype), dkr.astype(kr.dtype), None)
+
+
+_sparse_mla.defvjp(_sparse_mla_vjp_fwd, _sparse_mla_vjp_bwd)
+
+
+def sparse_mla_with_lse(q_nope, q_rope, kv_nope, k_rope, indices, *, scale: float,
+                        chunk_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Sparse MQA attention over gathered latent rows; returns (out [B,T,H,Dc], lse f32 [B,T,H]).
+
+    out[b,t,h] = Σ_k softmax_k(scale·(q_nope·kv_nope[i_k] + q_rope·k_rope[i_k])) · kv_nope[i_k] over
+    valid slots i_k = indices[b,t,k] >= 0. Differentiable in the four float inputs.
+    """
+    b, t, h, dc = q_nope.shape
+    k = indices.shape[-1]
+    c = chunk_size or auto_chunk(t, b * h * k * 4 * 3 + b * k * (dc + q_rope.shape[-1]) * 4, 256)
+    return _sparse_mla(q_nope, q_rope, kv_nope, k_rope, indices.astype(jnp.int32), float(scale), int(c))
+
+
+def sparse_mla(q_nope, q_rope, kv_nope, k_rope, indices, *, scale: float, chunk_size: int | None = None):
+    """`sparse_mla_with_lse` without the lse."""
+    return sparse_mla_with_lse(q_nope, q_rope, kv_nope, k_rope, indices, scale=scale, chunk_size=chunk_size)[0]
+
+
+# ----------------------------------------------------------------------------- dense (causal) MLA
+def dense_mla(q_nope, q_rope, kv_nope, k_rope, *, scale: float, q_positions=None, k_positions=None,
+              q_segment_ids=None, k_segment_ids=None, chunk_size: int | None = None) -> jax.Array:
+    """Causal MQA attention over all visible latent rows (DSA when every causal key is selected).
+
+    q_nope [B,T,H,Dc], q_rope [B,T,H,Dr], kv_nope [B,S,Dc], k_rope [B,S,Dr] -> [B,T,H,Dc].
+    Scans over query chunks with a rematerialised body, so the backward never holds [T, H, S].
+    """
+    b, t, h, dc = q_nope.shape
+    s_len = kv_nope.shape[1]
+    qp = _positions(q_positions, b, t)
+    kp = _positions(k_positions, b, s_len)
+    c = chunk_size or auto_chunk(t, b * h * s_len * 4 * 3, 256)
+    tp = -(-t // c) * c
+    has_seg = q_segment_ids is not None
+    qs = jnp.asarray(q_segment_ids if has_seg else jnp.zeros((b, t), jnp.int32), jnp.int32)
+    ks = jnp.asarray(k_segment_ids if has_seg else jnp.zeros((b, s_len), jnp.int32), jnp.int32)
+    xs = tuple(_chunks(_pad_axis1(a, tp, v), c) for a, v in
+               ((q_nope, 0), (q_rope, 0), (qp, -1), (qs, 0)))
+    kvn, kr = kv_nope.astype(F32), k_rope.astype(F32)
+
+    @jax.checkpoint
+    def chunk_fn(qn, qr, qpos, qseg):
+        vis = visibility(qpos, kp, qseg if has_seg else None, ks if has_seg else None)
+        sc = (jnp.einsum("bthc,bsc->bths", qn.astype(F32), kvn)
+              + jnp.einsum("bthr,bsr->bths", qr.astype(F32), kr)) * scale
+        sc = jnp.where(vis[:, :, None, :], sc, -jnp.inf)
+        m = jax.lax.stop_gradient(jnp.max(sc, axis=-1, keepdims=True))
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        p = jnp.exp(sc - m)
+        l = jnp.sum(p, axis=-1, keepdims=True)
+        return (jnp.einsum("bths,bsc->bthc", p, kvn) / jnp.where(l > 0, l, 1.0)).astype(q_nope.dtype)
+
+    _, out = jax.lax.scan(lambda _, x: (None, chunk_fn(*x)), None, xs)
+    return _unchunk(out)[:, :t]
+
+
+# ----------------------------------------------------------------------------- lightning indexer
+def _indexer_chunk(q, w, k, qpos, kpos, qseg, kseg):
+    """q [B,c,Hi,Di], w [B,c,Hi], k [B,S,Di] -> f32 [B,c,S] with -inf where not visible."""
+    logits = jnp.einsum("bthd,bsd->bths", q.astype(F32), k.astype(F32))
+    sc = jnp.einsum("bths,bth->bts", jax.nn.relu(logits), w.astype(F32))
+    return jnp.where(visibility(qpos, kpos, qseg, kseg), sc, -jnp.inf)
+
+
+def _indexer_scan(q, w, k, q_positions, k_positions, q_segment_ids, k_segment_ids, chunk_size, per_chunk):
+    b, t, hi, _ = q.shape
+    s_len = k.shape[1]
+    qp = _positions(q_positions, b, t)
+    kp = _positions(k_positions, b, s_len)
+    has_seg = q_segment_ids is not None
+    qs = jnp.asarray(q_segment_ids, jnp.int32) if has_seg else jnp.zeros((b, t), jnp.int32)
+    ks = jnp.asarray(k_segment_ids, jnp.int32) if has_seg else None
+    c = chunk_size or auto_chunk(t, b * hi * s_len * 4 * 2, 256)
+    tp = -(-t // c) * c
+    xs = tuple(_chunks(_pad_axis1(a, tp, v), c) for a, v in ((q, 0), (w, 0), (qp, -1), (qs, 0)))
+
+    def step(_, x):
+        sc = _indexer_chunk(x[0], x[1], k, x[2], kp, x[3] if has_seg else None, ks)
+        return None, per_chunk(sc)
+
+    _, out = jax.lax.scan(step, None, xs)
+    return jax.tree.map(lambda o: _unchunk(o)[:, :t], out)
+
+
+def indexer_scores(q, w, k, *, q_positions, k_positions=None, q_segment_ids=None, k_segment_ids=None,
+                   chunk_size: int | None = None) -> jax.Array:
+    """I[b,t,s] = Σ_h w[b,t,h]·ReLU(q[b,t,h]·k[b,s]) (float32), -inf where key s is not visible."""
+    return _indexer_scan(q, w, k, q_positions, k_positions, q_segment_ids, k_segment_ids, chunk_size,
+                         lambda sc: sc)
+
+
+def topk_indices(scores: jax.Array, topk: int) -> jax.Array:
+    """Top-k key indices of f32 scores [..., S] -> int32 [..., K]; slots whose score is -inf become -1.
+
+    Ties resolve to the lower index (lax.top_k); callers treat the result as a set.
+    """
+    vals, idx = jax.lax.top_k(scores, topk)
+    return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
+
+
+def indexer_topk(q, w, k, *, topk: int, q_positions, k_positions=None, q_segment_ids=None,
+                 k_segment_ids=None, chunk_size: int | None = None) -> jax.Array:
+    """Top-`topk` visible keys per query, computed chunk by chunk (peak memory O(T_chunk · S))."""
+    topk = min(int(topk), k.shape[1])
+    return _indexer_scan(q, w, k, q_positions, k_positions, q_segment_ids, k_segment_ids, chunk_size,
+                         lambda sc: topk_indices(sc, topk))
+
+
+# ----------------------------------------------------------------------------- test oracle only
+def sparse_mla_dense_oracle(q_nope, q_rope, kv_nope, k_rope, indices, *, scale: float) -> jax.Array:
+    """Dense [B, H, T, S] masked attention built by scattering `indices` into a -inf mask.
+
+    This is what peers ship as "DSA"; dsjax keeps it only as a test oracle and a benchmark baseline.
+    """
+    b, t, h, _ = q_nope.shape
+    s_len = kv_nope.shape[1]
+    valid = indices >= 0
+    allowed = jnp.zeros((b, t, s_len + 1), bool)
+    allowed = jax.vmap(lambda a, i: a.at[jnp.arange(t)[:, None], i].set(True))(
+        allowed, jnp.where(valid, indices, s_len))[..., :s_len]
+    sc = (jnp.einsum("bthc,bsc->bths", q_nope.astype(F32), kv_nope.astype(F32))
+          + jnp.einsum("bthr,bsr->bths", q_rope.astype(F32), k_rope.astype(F32))) * scale
+    sc = jnp.where(allowed[:, :, None, :], sc, -jnp.inf)
+    m = jnp.max(sc, axis=-1, keepdims=True)
+    p = jnp.exp(sc - jnp.where(jnp.isfinite(m), m, 0.0))
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    return (jnp.einsum("bths,bsc->bthc", p, kv_nope.astype(F32)) / jnp.where(l > 0, l, 1.0)).astype(q_nope.dtype)
+
+
+def indexer_scores_naive(q, w, k, *, q_positions, k_positions=None) -> jax.Array:
+    """Materialising oracle: the whole [B, T, Hi, S] per-head logits at once (tests, benchmarks)."""
+    b, t = q.shape[:2]
+    logits = jnp.einsum("bthd,bsd->bths", q.astype(F32), k.astype(F32))
+    sc = jnp.einsum("bths,bth->bts", jax.nn.relu(logits), w.astype(F32))
+    vis = visibility(_positions(q_positions, b, t), _positions(k_positions, b, k.shape[1]), None, None)
+    return jnp.where(vis, sc, -jnp.inf)
+

@@ -1,0 +1,1 @@
+"""Mesh sharding for dsjax: mesh construction and the logical-axis -> mesh-axis rules."""
