@@ -102,20 +102,6 @@ def output(p: Mapping[str, Any], o_lat: jax.Array, config: Config) -> jax.Array:
     return jnp.einsum("bthv,hvd->btd", o, wo, preferred_element_type=jnp.float32).astype(o.dtype)
 
 
-def write_latents(cache: Latents, new: Latents, positions: jax.Array) -> Latents:
-    """Store the new tokens' latents at their positions. cache leaves [B, S, .], new [B, T, .],
-    positions [B, T]; positions < 0 (padding) are dropped."""
-    s = cache.kv.shape[1]
-    pos = jnp.where(positions >= 0, positions, s)
-
-    def put(c, n):
-        if c is None:
-            return None
-        return jax.vmap(lambda cb, nb, pb: cb.at[pb].set(nb.astype(cb.dtype), mode="drop"))(c, n, pos)
-
-    return Latents(*(put(c, n) for c, n in zip(cache, new)))
-
-
 def mla(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array, config: Config, *,
         positions: jax.Array, segment_ids: jax.Array | None = None,
         cache: Latents | None = None) -> tuple[jax.Array, Latents | None]:
@@ -132,8 +118,10 @@ def mla(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array, conf
         return output(p, o_lat, config), None
     if segment_ids is not None:
         raise ValueError("segment_ids (packed rows) are not supported together with a KV cache.")
-    cache = write_latents(cache, kv, positions)
+    from dsjax import cache as cache_lib  # cache.py builds on this module's Latents
+
+    cache = cache_lib.write(cache, kv, positions)
     b, s = cache.kv.shape[:2]
     k_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    o_lat = attend(q, cache, config, q_positions=positions, k_positions=k_positions)
+    o_lat = attend(q, cache_lib.read(cache), config, q_positions=positions, k_positions=k_positions)
     return output(p, o_lat, config), cache

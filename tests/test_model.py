@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import dsjax
-from dsjax import attention, model
+from dsjax import cache as cache_lib
+from dsjax import model
 
 CFG = dsjax.Config.preset("tiny", index_topk=16)
 
@@ -54,19 +55,13 @@ def test_dsa_path_has_no_length_squared_buffers():
     assert mem.temp_size_in_bytes < dense_bytes / 4, mem.temp_size_in_bytes
 
 
-def _empty_cache(cfg, b, s):
-    z = lambda n, d: jnp.zeros((n, b, s, d), jnp.float32)
-    lat = lambda n: attention.Latents(z(n, cfg.kv_lora_rank), z(n, cfg.qk_rope_head_dim), z(n, cfg.index_head_dim))
-    return {"dense": lat(cfg.n_dense_layers), "moe": lat(cfg.n_moe_layers)}
-
-
 def test_prefill_then_decode_equals_full_forward(params):
     b, length, cap, prefill = 2, 40, 64, 20  # cap and length > index_topk: decode-time DSA prunes
     tokens = jax.random.randint(jax.random.key(1), (b, length), 0, CFG.vocab_size)
     full = dsjax.forward(params, tokens, CFG)
     step = jax.jit(lambda p, t, pos, c: model.forward_hidden(p, t, CFG, positions=pos, cache=c))
     aux = step(params, tokens[:, :prefill], jnp.broadcast_to(jnp.arange(prefill), (b, prefill)),
-               _empty_cache(CFG, b, cap))
+               cache_lib.init_cache(CFG, b, cap))
     outs, cache = [model.lm_head(params, aux.hidden)], aux.cache
     for t in range(prefill, length):
         aux = step(params, tokens[:, t:t + 1], jnp.full((b, 1), t), cache)
