@@ -7,8 +7,8 @@ stop tokens, streaming, and MTP speculative decoding.
 Decode runs the model on T = 1 new token per sequence (T = 2 with MTP speculation) at that sequence's own
 position: attention is the absorbed MLA form over the latent cache (`attention.mla` with a cache), and for
 V3.2 with a cache longer than `index_topk` every step selects its keys with the lightning indexer and calls
-`pallas_kernels.sparse_mla`. Shapes are static: a prompt bucket (power of two, then multiples of the
-prefill chunk) and a cache bucket, so one compile serves every step and every batch of the same size.
+`pallas_kernels.sparse_mla`. Shapes are static: a prompt bucket (up to the prefill chunk; longer prompts
+take several chunks) and a cache bucket, so one compile serves every step and every batch of the same size.
 
 MTP speculation (`mtp=True`): the MTP module drafts token p+1 while the model verifies it in the same
 forward pass (tokens [x_p, draft] at positions [p, p+1]). The model's token y1 at p is always kept; if it
@@ -36,7 +36,7 @@ from dsjax.mtp import mtp_forward
 Params = Any
 Callback = Callable[[list[list[int]]], None]
 
-MIN_BUCKET = 16  # smallest prompt bucket (prompt lengths are padded up to a power of two)
+MIN_BUCKET = 16  # smallest prompt bucket (see `bucket`)
 MIN_CACHE = 64  # smallest cache bucket
 
 
@@ -177,13 +177,18 @@ def _spec_step(params, state: _State, consts: _Consts, *, config: Config, greedy
 
 
 # ----------------------------------------------------------------------------- host side
-def _bucket(n: int, lo: int) -> int:
-    return max(lo, 1 << max(0, n - 1).bit_length())
+def bucket(n: int, lo: int = 1) -> int:
+    """Static-shape bucket for n >= 1: at least `lo`, else n rounded up to a multiple of a quarter of the
+    power of two below it (4 buckets per octave: at most 25% padding, few distinct shapes to compile)."""
+    if n <= lo:
+        return lo
+    step = max(1, (1 << ((n - 1).bit_length() - 1)) // 4)
+    return -(-n // step) * step
 
 
 def cache_length(needed: int, config: Config) -> int:
-    """Cache bucket for `needed` tokens: the next power of two (at least 64), capped at the model's limit."""
-    return min(_bucket(needed, MIN_CACHE), config.max_position_embeddings)
+    """Cache slots for `needed` tokens: `bucket(needed)` (at least 64), capped at the model's limit."""
+    return min(bucket(needed, MIN_CACHE), config.max_position_embeddings)
 
 
 def _per_prompt(value: Any, n: int, what: str) -> list:
@@ -281,7 +286,7 @@ def generate_with_stats(params: Params, config: Config, prompts: Sequence[Sequen
     stop = _stop_array(stop_tokens, b, c.vocab_size)
 
     # Prompt bucket, split into equal chunks so one compiled prefill serves them all.
-    chunk = min(_bucket(int(lens.max()), MIN_BUCKET), _bucket(prefill_chunk, 1), s_max)
+    chunk = min(bucket(int(lens.max()), MIN_BUCKET), prefill_chunk, s_max)
     n_chunks = -(-int(lens.max()) // chunk)
     width = n_chunks * chunk
     toks = np.zeros((b, width + 1), np.int32)
