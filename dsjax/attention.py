@@ -104,12 +104,13 @@ def output(p: Mapping[str, Any], o_lat: jax.Array, config: Config) -> jax.Array:
 
 def mla(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array, config: Config, *,
         positions: jax.Array, segment_ids: jax.Array | None = None,
-        cache: Latents | None = None) -> tuple[jax.Array, Latents | None]:
+        cache: Latents | None = None, layer: jax.Array | None = None) -> tuple[jax.Array, Latents | None]:
     """MLA (+ DSA) self-attention of new tokens x [B, T, D] -> ([B, T, D], updated cache).
 
     Without a cache the tokens attend to each other (training, one-shot prefill). With a cache (leaves
-    [B, S_max, .], slot index = position) their latents are written at `positions` first and the
-    queries attend over the whole cache; slots past a query's position are invisible by causality.
+    [B, S_max, .], slot index = position; or a stacked [L, B, S_max, .] cache and this `layer`'s index)
+    their latents are written at `positions` first and the queries attend over the whole cache; slots
+    past a query's position are invisible by causality.
     """
     q, kv = project(p, x, cos, sin, config)
     if cache is None:
@@ -120,8 +121,9 @@ def mla(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array, conf
         raise ValueError("segment_ids (packed rows) are not supported together with a KV cache.")
     from dsjax import cache as cache_lib  # cache.py builds on this module's Latents
 
-    cache = cache_lib.write(cache, kv, positions)
-    b, s = cache.kv.shape[:2]
+    cache = cache_lib.write(cache, kv, positions, layer)
+    keys = cache_lib.read(cache, layer)
+    b, s = keys.kv.shape[:2]
     k_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    o_lat = attend(q, cache_lib.read(cache), config, q_positions=positions, k_positions=k_positions)
+    o_lat = attend(q, keys, config, q_positions=positions, k_positions=k_positions)
     return output(p, o_lat, config), cache

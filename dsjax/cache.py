@@ -109,22 +109,30 @@ def layer_caches(cache: dict[str, Any]) -> dict[str, Latents]:
     return {k: v for k, v in cache.items() if k in ("dense", "moe")}
 
 
-def write(cache: Latents, new: Latents, positions: jax.Array) -> Latents:
-    """Store the new tokens' latents at their positions (one layer).
+def write(cache: Latents, new: Latents, positions: jax.Array, layer: jax.Array | None = None) -> Latents:
+    """Store the new tokens' latents at their positions; positions < 0 (padding) are dropped.
 
-    cache leaves [B, S, .], new leaves [B, T, .], positions [B, T]; positions < 0 (padding) are dropped.
+    new leaves [B, T, .], positions [B, T]. cache leaves [B, S, .] (one layer), or with `layer` a stacked
+    cache [L, B, S, .] written at that layer: only the T new rows are touched, so a donated cache is
+    updated in place instead of copied.
     """
-    s = cache.kv.shape[1]
+    s = cache.kv.shape[-2]
     pos = jnp.where(positions >= 0, positions, s)
+    rows = jnp.arange(pos.shape[0])[:, None]
 
     def put(c, n):
         if c is None:
             return None
-        return jax.vmap(lambda cb, nb, pb: cb.at[pb].set(nb.astype(cb.dtype), mode="drop"))(c, n, pos)
+        idx = (rows, pos) if layer is None else (layer, rows, pos)
+        return c.at[idx].set(n.astype(c.dtype), mode="drop")
 
     return Latents(*(put(c, n) for c, n in zip(cache, new)))
 
 
-def read(cache: Latents) -> Latents:
-    """The cached latents as the attention ops consume them (one layer)."""
-    return cache
+def read(cache: Latents, layer: jax.Array | None = None) -> Latents:
+    """The cached latents of one layer as the attention ops consume them (leaves [B, S, .]); `layer`
+    selects it from a stacked cache [L, B, S, .]."""
+    if layer is None:
+        return cache
+    return Latents(*(None if c is None else jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False)
+                     for c in cache))

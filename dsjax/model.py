@@ -40,13 +40,14 @@ def embed(params: Params, tokens: jax.Array, config: Config) -> jax.Array:
 
 def block(p: Params, carry: tuple[jax.Array, jax.Array], cos: jax.Array, sin: jax.Array, config: Config, *,
           positions: jax.Array, segment_ids: jax.Array | None, is_moe: bool,
-          cache: attention.Latents | None = None):
-    """One decoder layer on the (h, resid) carry -> (new carry, MoE stats or None, updated cache or None)."""
+          cache: attention.Latents | None = None, layer: jax.Array | None = None):
+    """One decoder layer on the (h, resid) carry -> (new carry, MoE stats or None, updated cache or None).
+    `layer`: this layer's index when `cache` is the whole stack's cache (see `attention.mla`)."""
     h, resid = carry
     eps = config.rms_norm_eps
     x, resid = add_rms_norm(h, resid, p["attn_norm"], eps)
     a, cache = attention.mla(p["attn"], x, cos, sin, config, positions=positions, segment_ids=segment_ids,
-                             cache=cache)
+                             cache=cache, layer=layer)
     x, resid = add_rms_norm(a, resid, p["mlp_norm"], eps)
     if is_moe:
         f, stats = moe_lib.moe(p["moe"], x, config)
@@ -62,12 +63,19 @@ def _stack(stack: Params, carry, cos, sin, config: Config, *, positions, segment
     if remat is not None:
         fn = jax.checkpoint(fn, policy=remat_policy(remat))
 
-    def step(c, xs):
-        p, layer_cache = xs
-        c, stats, layer_cache = fn(p, c, cache=layer_cache)
-        return c, (stats, layer_cache)
+    if cache is None:
+        carry, stats = jax.lax.scan(lambda c, p: fn(p, c)[:2], carry, stack)
+        return carry, stats, None
 
-    carry, (stats, cache) = jax.lax.scan(step, carry, (stack, cache))
+    # The stacked cache rides in the scan carry and each layer writes only its new rows into it. (As a
+    # scanned input/output it would be sliced and re-stacked every call: a full copy of the cache per
+    # decode step, which dominates a DSA step at long context.)
+    def step(c, p):
+        h, full, i = c
+        h, stats, full = fn(p, h, cache=full, layer=i)
+        return (h, full, i + 1), stats
+
+    (carry, cache, _), stats = jax.lax.scan(step, (carry, cache, jnp.int32(0)), stack)
     return carry, stats, cache
 
 
