@@ -6,7 +6,6 @@ import json
 import pytest
 
 import dsjax
-from dsjax import chat
 
 SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
 CORPUS = ["Hello! I am DeepSeek.", "hello world", "1+1=? 2", "The weather in Paris is sunny.",
