@@ -96,3 +96,20 @@ def select(q: jax.Array, w: jax.Array, k: jax.Array, *, config: Config, q_positi
         q, w, k, topk=config.index_topk, q_positions=q_positions, k_positions=k_positions,
         q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids, backend=config.indexer_backend,
         interpret=config.kernel_interpret)
+
+
+def numerics_overlap(q: jax.Array, w: jax.Array, k: jax.Array, *, topk: int, q_positions: jax.Array,
+                     k_positions: jax.Array | None = None, backend: str | None = None) -> jax.Array:
+    """How much the official FP8 numerics change the selection: per-query Jaccard overlap |A∩B| / |A∪B| of
+    the top-k sets of plain (HF, "bf16") scores and of official-FP8 scores of the same vectors.
+
+    q [B, T, Hi, Di], w [B, T, Hi] (scales folded in), k [B, S, Di]: bf16-mode indexer outputs (before
+    the Hadamard). Returns f32 [B, T] (1 for a query with no visible key).
+    """
+    kw = dict(topk=topk, q_positions=q_positions, k_positions=k_positions, backend=backend)
+    a = pallas_kernels.indexer_topk(q, w, k, **kw)
+    b = pallas_kernels.indexer_topk(_official_fp8(q), w, _official_fp8(k), **kw)
+    # both lists hold distinct indices (-1 = unused), so |A∩B| counts the pairwise matches
+    inter = jnp.sum((a[..., :, None] == b[..., None, :]) & (a[..., :, None] >= 0), axis=(-1, -2))
+    union = jnp.sum(a >= 0, -1) + jnp.sum(b >= 0, -1) - inter
+    return jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0).astype(jnp.float32)

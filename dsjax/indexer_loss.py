@@ -22,6 +22,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import pallas_kernels
 from pallas_kernels import reference as R
@@ -109,25 +110,50 @@ def _sparse_target(qn, qr, kvn, kr, idx, lse, scale):
     return _normalise(jnp.sum(p, axis=2))
 
 
-# ----------------------------------------------------------------------------- dense (warm-up) stage
-def _dense_scan(q, w, k, qn, qr, kvn, kr, qp, kp, qs, ks, scale, chunk, with_grad):
-    b, t = q.shape[:2]
+# ----------------------------------------------------------------------------- the chunked scan
+def _dense_select(x, shared, scale, k):
+    """Stage 1: target over every visible key; the indexer keys are shared by the chunk's queries."""
+    qnc, qrc, qpc, qsc = x
+    kvn, kr, kp, ks = shared
+    vis = R.visibility(qpc, kp, qsc, ks)
+    return _dense_target(qnc, qrc, kvn, kr, vis, scale), vis, k, None
+
+
+def _sparse_select(x, shared, scale, k):
+    """Stage 2: target on the selected slots; the indexer keys are gathered per query."""
+    qnc, qrc, ic, lc = x
+    kvn, kr = shared
+    valid = ic >= 0
+    safe = jnp.where(valid, ic, 0)
+    return _sparse_target(qnc, qrc, kvn, kr, ic, lc, scale), valid, R._gather_rows(k, safe), safe
+
+
+_STAGES = {  # select function, pad value of each per-query target input
+    "dense": (_dense_select, (0, 0, -1, 0)),  # q_nope, q_rope, q_positions, q_segment_ids
+    "sparse": (_sparse_select, (0, 0, -1, jnp.inf)),  # q_nope, q_rope, indices, lse
+}
+
+
+def _kl_scan(stage, scale, chunk, q, w, k, per_query, shared, with_grad):
+    """(mean KL, (dq, dw, dk) of the mean or None) by a scan over query chunks."""
+    select, pads = _STAGES[stage]
+    t = q.shape[1]
     tp = -(-t // chunk) * chunk
-    xs = tuple(R._chunks(R._pad_axis1(a, tp, v), chunk) for a, v in
-               ((q, 0), (w, 0), (qn, 0), (qr, 0), (qp, -1), (qs, 0)))
+    xs = tuple(R._chunks(R._pad_axis1(a, tp, v), chunk) for a, v in zip((q, w) + per_query, (0, 0) + pads))
 
     def step(dk, x):
-        qc, wc, qnc, qrc, qpc, qsc = x
-        vis = R.visibility(qpc, kp, qsc, ks)
-        p = _dense_target(qnc, qrc, kvn, kr, vis, scale)
-        logits, scores = _index_logits(qc, wc, k)
-        kl, d_scores = _kl_rows(p, scores, vis)
-        row = jnp.any(vis, axis=-1)
+        qc, wc = x[:2]
+        p, allowed, keys, slots = select(x[2:], shared, scale, k)
+        logits, scores = _index_logits(qc, wc, keys)
+        kl, d_scores = _kl_rows(p, scores, allowed)
+        row = jnp.any(allowed, axis=-1)
         out = (jnp.sum(jnp.where(row, kl, 0.0)), jnp.sum(row))
         if not with_grad:
             return dk, (out, None, None)
-        dq, dw, dkc = _index_grads(d_scores, logits, qc, wc, k)
-        return dk + dkc, (out, dq, dw)
+        dq, dw, dkeys = _index_grads(d_scores, logits, qc, wc, keys)
+        # gathered keys: scatter-add back (unused slots carry dI = 0)
+        dk = dk + dkeys if slots is None else R._scatter_add_rows(dk, slots, dkeys)
+        return dk, (out, dq, dw)
 
     dk, ((kl, n), dq, dw) = jax.lax.scan(step, jnp.zeros(k.shape, F32), xs)
     n = jnp.maximum(jnp.sum(n), 1).astype(F32)
@@ -136,37 +162,34 @@ def _dense_scan(q, w, k, qn, qr, kvn, kr, qp, kp, qs, ks, scale, chunk, with_gra
     return jnp.sum(kl) / n, grads
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(11, 12))
-def _dense_kl(q, w, k, qn, qr, kvn, kr, qp, kp, qs, ks, scale, chunk):
-    return _dense_scan(q, w, k, qn, qr, kvn, kr, qp, kp, qs, ks, scale, chunk, False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _kl(stage, scale, chunk, q, w, k, per_query, shared):
+    return _kl_scan(stage, scale, chunk, q, w, k, per_query, shared, False)[0]
 
 
-def _dense_kl_fwd(q, w, k, qn, qr, kvn, kr, qp, kp, qs, ks, scale, chunk):
-    loss, grads = _dense_scan(q, w, k, qn, qr, kvn, kr, qp, kp, qs, ks, scale, chunk, True)
-    return loss, (grads, _dtype_tags(q, w, k), (qn, qr, kvn, kr, qp, kp, qs, ks))
-
-
-def _dtype_tags(*xs):
-    """Empty arrays carrying the inputs' dtypes through the residuals (dtypes are not valid residuals)."""
-    return tuple(jnp.zeros((0,), x.dtype) for x in xs)
+def _kl_fwd(stage, scale, chunk, q, w, k, per_query, shared):
+    loss, grads = _kl_scan(stage, scale, chunk, q, w, k, per_query, shared, True)
+    # empty arrays carry the input dtypes (dtypes themselves are not valid residuals)
+    tags = tuple(jnp.zeros((0,), x.dtype) for x in (q, w, k))
+    return loss, (grads, tags, per_query, shared)
 
 
 def _zero_cotangents(xs):
     """Zero cotangents of the target-side inputs (stop-gradient'ed by definition; ints get float0)."""
-    import numpy as np  # float0 cotangents of integer inputs are numpy arrays
-
     return tuple(jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.floating)
                  else np.zeros(x.shape, jax.dtypes.float0) for x in xs)
 
 
-def _dense_kl_bwd(scale, chunk, res, g):
-    grads, dtypes, rest = res
-    return tuple((g * d).astype(tag.dtype) for d, tag in zip(grads, dtypes)) + _zero_cotangents(rest)
+def _kl_bwd(stage, scale, chunk, res, g):
+    grads, tags, per_query, shared = res
+    return tuple((g * d).astype(tag.dtype) for d, tag in zip(grads, tags)) + (
+        _zero_cotangents(per_query), _zero_cotangents(shared))
 
 
-_dense_kl.defvjp(_dense_kl_fwd, _dense_kl_bwd)
+_kl.defvjp(_kl_fwd, _kl_bwd)
 
 
+# ----------------------------------------------------------------------------- public losses
 def dense_kl(q, w, k, q_nope, q_rope, kv_nope, k_rope, *, scale: float, q_positions, k_positions=None,
              q_segment_ids=None, k_segment_ids=None, chunk_size: int | None = None) -> jax.Array:
     """Stage-1 indexer loss: mean over queries of KL(p_t || softmax(I_t)) over every visible key.
@@ -185,55 +208,8 @@ def dense_kl(q, w, k, q_nope, q_rope, kv_nope, k_rope, *, scale: float, q_positi
     ks = jnp.asarray(k_segment_ids, jnp.int32) if has_seg else jnp.zeros((b, s_len), jnp.int32)
     hi = q.shape[2]
     c = chunk_size or R.auto_chunk(t, b * (h + 2 * hi) * s_len * 4 * 2, 256)
-    target = tuple(_sg(x) for x in (q_nope, q_rope, kv_nope, k_rope))
-    return _dense_kl(q, w, k, *target, qp, kp, qs, ks, float(scale), int(c))
-
-
-# ----------------------------------------------------------------------------- sparse stage
-def _sparse_scan(q, w, k, qn, qr, kvn, kr, idx, lse, scale, chunk, with_grad):
-    b, t = q.shape[:2]
-    tp = -(-t // chunk) * chunk
-    xs = tuple(R._chunks(R._pad_axis1(a, tp, v), chunk) for a, v in
-               ((q, 0), (w, 0), (qn, 0), (qr, 0), (idx, -1), (lse, jnp.inf)))
-
-    def step(dk, x):
-        qc, wc, qnc, qrc, ic, lc = x
-        valid = ic >= 0
-        p = _sparse_target(qnc, qrc, kvn, kr, ic, lc, scale)
-        safe = jnp.where(valid, ic, 0)
-        keys = R._gather_rows(k, safe)  # [B, c, K, Di]
-        logits, scores = _index_logits(qc, wc, keys)
-        kl, d_scores = _kl_rows(p, scores, valid)
-        row = jnp.any(valid, axis=-1)
-        out = (jnp.sum(jnp.where(row, kl, 0.0)), jnp.sum(row))
-        if not with_grad:
-            return dk, (out, None, None)
-        dq, dw, dkg = _index_grads(d_scores, logits, qc, wc, keys)
-        return R._scatter_add_rows(dk, safe, dkg), (out, dq, dw)  # invalid slots carry dI = 0
-
-    dk, ((kl, n), dq, dw) = jax.lax.scan(step, jnp.zeros(k.shape, F32), xs)
-    n = jnp.maximum(jnp.sum(n), 1).astype(F32)
-    grads = None if not with_grad else tuple(
-        g / n for g in (R._unchunk(dq)[:, :t], R._unchunk(dw)[:, :t], dk))
-    return jnp.sum(kl) / n, grads
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
-def _sparse_kl(q, w, k, qn, qr, kvn, kr, idx, lse, scale, chunk):
-    return _sparse_scan(q, w, k, qn, qr, kvn, kr, idx, lse, scale, chunk, False)[0]
-
-
-def _sparse_kl_fwd(q, w, k, qn, qr, kvn, kr, idx, lse, scale, chunk):
-    loss, grads = _sparse_scan(q, w, k, qn, qr, kvn, kr, idx, lse, scale, chunk, True)
-    return loss, (grads, _dtype_tags(q, w, k), (qn, qr, kvn, kr, idx, lse))
-
-
-def _sparse_kl_bwd(scale, chunk, res, g):
-    grads, dtypes, rest = res
-    return tuple((g * d).astype(tag.dtype) for d, tag in zip(grads, dtypes)) + _zero_cotangents(rest)
-
-
-_sparse_kl.defvjp(_sparse_kl_fwd, _sparse_kl_bwd)
+    qn, qr, kvn, kr = (_sg(x) for x in (q_nope, q_rope, kv_nope, k_rope))
+    return _kl("dense", float(scale), int(c), q, w, k, (qn, qr, qp, qs), (kvn, kr, kp, ks))
 
 
 def sparse_kl(q, w, k, q_nope, q_rope, kv_nope, k_rope, indices, *, scale: float, lse=None,
@@ -255,4 +231,5 @@ def sparse_kl(q, w, k, q_nope, q_rope, kv_nope, k_rope, indices, *, scale: float
     hi, di = q.shape[2], q.shape[3]
     row = b * kk * ((h + 2 * hi) * 4 * 2 + (kv_nope.shape[-1] + q_rope.shape[-1] + 2 * di) * 4)
     c = chunk_size or R.auto_chunk(t, row, 256)
-    return _sparse_kl(q, w, k, *target, indices, _sg(lse).astype(F32), float(scale), int(c))
+    qn, qr, kvn, kr = target
+    return _kl("sparse", float(scale), int(c), q, w, k, (qn, qr, indices, _sg(lse).astype(F32)), (kvn, kr))

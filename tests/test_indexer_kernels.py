@@ -44,10 +44,10 @@ def np_init(specs, config, seed=0):
 
 
 def _inputs(seed, b, t, s, hi=4, di=32, dtype=jnp.float32):
-    ks = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(ks[0], (b, t, hi, di), jnp.float32).astype(dtype)
-    w = jax.random.normal(ks[1], (b, t, hi), jnp.float32)
-    k = jax.random.normal(ks[2], (b, s, di), jnp.float32).astype(dtype)
+    rng = np.random.default_rng(seed)  # numpy: jax.random compiles once per shape
+    q = jnp.asarray(rng.standard_normal((b, t, hi, di)), dtype)
+    w = jnp.asarray(rng.standard_normal((b, t, hi)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, s, di)), dtype)
     return q, w, k
 
 
@@ -187,7 +187,7 @@ def test_model_indexer_runs_through_every_backend():
     cfg = dsjax.Config.preset("tiny", index_topk=16)
     p = np_init(dsjax.params.block_specs(cfg, moe=False)["attn"], cfg)
     length = 40
-    x = jax.random.normal(jax.random.key(1), (1, length, cfg.hidden_size))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((1, length, cfg.hidden_size)), jnp.float32)
     pos = jnp.arange(length)[None]
     cos, sin = cos_sin(cfg, pos)
 
