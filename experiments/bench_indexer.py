@@ -101,7 +101,6 @@ def kernel_table(lengths, hi, di, repeats, peak):
 
     import pallas_kernels
 
-    platform = jax.default_backend()
     kind = jax.devices()[0].device_kind
     if not peak:
         peak = next((v for k, v in _PEAKS.items() if k.lower() in kind.lower()), 0.0)
@@ -118,7 +117,6 @@ def kernel_table(lengths, hi, di, repeats, peak):
         tflops = 2 * hi * di * length * (length + 1) / 2 / t_k / 1e12
         pct = f"{100 * tflops / peak:.1f}%" if peak else "?"
         print(f"| {length} | {t_k * 1e3:.2f} | {tflops:.1f} | {pct} | {t_x * 1e3:.2f} | {t_x / t_k:.2f}x |")
-    del platform
 
 
 def jaccard_table(queries, hi, di, topk, seed=0):
