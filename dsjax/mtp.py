@@ -41,8 +41,8 @@ def mtp_forward(params: Mapping[str, Any], hidden: jax.Array, next_tokens: jax.A
     e = rms_norm(embed(params, next_tokens, c), p["enorm"], c.rms_norm_eps)
     h = rms_norm(hidden.astype(c.compute_dtype), p["hnorm"], c.rms_norm_eps)
     z = dense(jnp.concatenate([e, h], axis=-1), p["eh_proj"])
-    (f, resid), _, cache = block(p["block"], (z, jnp.zeros_like(z)), cos, sin, c, positions=positions,
-                                 segment_ids=segment_ids, is_moe=c.mtp_is_moe, cache=cache)
+    (f, resid), _, cache, _ = block(p["block"], (z, jnp.zeros_like(z)), cos, sin, c, positions=positions,
+                                    segment_ids=segment_ids, is_moe=c.mtp_is_moe, cache=cache)
     out, _ = add_rms_norm(f, resid, p["norm"], c.rms_norm_eps)
     return out, cache
 

@@ -227,7 +227,11 @@ def _indexer_chunk(q, w, k, qpos, kpos, qseg, kseg):
     return jnp.where(visibility(qpos, kpos, qseg, kseg), sc, -jnp.inf)
 
 
-def _indexer_scan(q, w, k, q_positions, k_positions, q_segment_ids, k_segment_ids, chunk_size, per_chunk):
+def _indexer_scan(q, w, k, q_positions, k_positions, q_segment_ids, k_segment_ids, chunk_size, per_chunk,
+                  score_chunk=_indexer_chunk, row_bytes=None):
+    """Scan `score_chunk` (same signature as `_indexer_chunk`; a Pallas kernel plugs in here) over query
+    chunks and apply `per_chunk` to each chunk's f32 [B, c, S] scores. `row_bytes`: working set per
+    query row used to size the chunk (default: the [Hi, S] per-head logits of the XLA path)."""
     b, t, hi, _ = q.shape
     s_len = k.shape[1]
     qp = _positions(q_positions, b, t)
@@ -235,12 +239,12 @@ def _indexer_scan(q, w, k, q_positions, k_positions, q_segment_ids, k_segment_id
     has_seg = q_segment_ids is not None
     qs = jnp.asarray(q_segment_ids, jnp.int32) if has_seg else jnp.zeros((b, t), jnp.int32)
     ks = jnp.asarray(k_segment_ids, jnp.int32) if has_seg else None
-    c = chunk_size or auto_chunk(t, b * hi * s_len * 4 * 2, 256)
+    c = chunk_size or auto_chunk(t, row_bytes or b * hi * s_len * 4 * 2, 256)
     tp = -(-t // c) * c
     xs = tuple(_chunks(_pad_axis1(a, tp, v), c) for a, v in ((q, 0), (w, 0), (qp, -1), (qs, 0)))
 
     def step(_, x):
-        sc = _indexer_chunk(x[0], x[1], k, x[2], kp, x[3] if has_seg else None, ks)
+        sc = score_chunk(x[0], x[1], k, x[2], kp, x[3] if has_seg else None, ks)
         return None, per_chunk(sc)
 
     _, out = jax.lax.scan(step, None, xs)
