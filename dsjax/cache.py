@@ -8,41 +8,61 @@ Layout (a plain dict pytree):
      "mtp":     Latents,        leaves [B, S_max, dim]             (only with `mtp=True`: the MTP block)
      "lengths": int32 [B]}      tokens written so far per sequence (= the next write position)
 
+With `indexer_numerics="official_fp8"` the indexer key is kept as the official kernels keep it (spec §5.5):
+`IndexKey(k8 e4m3 [..., S, Di], scale f32 [..., S, 1])`, written with `indexer.quantize_index_key` and
+read back with `dequantize_index_key`. The key that mode produces is already FP8-representable, so the
+round trip is lossless and decoding from this cache equals the full forward.
+
 Slots past a sequence's length may hold stale latents (a rejected speculative draft, right padding): they
 are never visible, because a key is visible only at k_pos <= q_pos and each sequence writes its slots in
 order, overwriting position p before any query at p reads it.
 
-Size per token per layer (bf16; `bytes_per_token` computes it for any config):
+Size per token per layer (`bytes_per_token` computes it for any config), in bf16:
 
-    latent 512·2 + rope key 64·2 = 1152 B (spec §4.3, as the official demo caches it)
-    + indexer key 128·2           =  256 B (spec §5.5/§13: HF's bf16 index-key cache)
-                                  = 1408 B for V3.2, 1152 B for V3 (no indexer).
-
-The official kernels keep the index key as FP8 e4m3 plus one fp32 scale (128 + 4 = 132 B, spec §5.5).
-That storage needs `dsjax.indexer.quantize_index_key`, which is not in this build, so the key is cached
-in the compute dtype; with `indexer_numerics="official_fp8"` the cached value is already the FP8-emulated
-key, so selection is unaffected, only the storage is 2x larger.
+    latent 512·2 + rope key 64·2  = 1152 B (spec §4.3, as the official demo caches it)
+    + indexer key, bf16 128·2     =  256 B (spec §13: HF's index-key cache)          -> 1408 B
+    + indexer key, FP8 128 + 4    =  132 B (spec §5.5: official, "official_fp8")      -> 1284 B
+    V3 (no indexer)                                                                    -> 1152 B
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from dsjax import fp8
 from dsjax.attention import Latents
 from dsjax.config import Config
+from dsjax.indexer import dequantize_index_key, quantize_index_key
+
+
+class IndexKey(NamedTuple):
+    """The official indexer-key storage: one FP8 vector and one UE8M0 (power-of-two) scale per token."""
+
+    k8: jax.Array  # float8_e4m3fn [..., S, Di]
+    scale: jax.Array  # f32 [..., S, 1]
+
 
 # Logical axis names of the cache leaves (mapped to mesh axes by the `sharding` rules table).
 CACHE_LAYERS, CACHE_BATCH, CACHE_SEQUENCE = "layers", "cache_batch", "cache_sequence"
 _FEATURE_AXES = Latents(kv="kv_lora", k_pe="qk_rope", index_k="index_head")
 
 
+def fp8_index_keys(config: Config) -> bool:
+    """Whether the cache stores indexer keys in the official FP8 format (with official numerics)."""
+    return config.has_indexer and config.indexer_numerics == "official_fp8"
+
+
 def _latents(config: Config, lead: tuple[int, ...], dt: Any) -> Latents:
     c = config
-    z = lambda d: jnp.zeros(lead + (d,), dt)
-    return Latents(z(c.kv_lora_rank), z(c.qk_rope_head_dim), z(c.index_head_dim) if c.has_indexer else None)
+    z = lambda d, t=dt: jnp.zeros(lead + (d,), t)
+    index_k = None
+    if c.has_indexer:
+        index_k = (IndexKey(z(c.index_head_dim, fp8.E4M3), z(1, jnp.float32)) if fp8_index_keys(c)
+                   else z(c.index_head_dim))
+    return Latents(z(c.kv_lora_rank), z(c.qk_rope_head_dim), index_k)
 
 
 def init_cache(config: Config, batch: int, max_len: int, dtype: Any = None, *, mtp: bool = False) -> dict[str, Any]:
@@ -74,8 +94,12 @@ def cache_axes(config: Config, *, mtp: bool = False) -> dict[str, Any]:
     c = config
 
     def lat(lead: tuple[str, ...]) -> Latents:
-        return Latents(*(None if (f == "index_k" and not c.has_indexer) else lead + (getattr(_FEATURE_AXES, f),)
-                         for f in Latents._fields))
+        index_k = None
+        if c.has_indexer:
+            index_k = lead + (_FEATURE_AXES.index_k,)
+            if fp8_index_keys(c):
+                index_k = IndexKey(index_k, lead + (None,))  # the scale's trailing axis has size 1
+        return Latents(lead + (_FEATURE_AXES.kv,), lead + (_FEATURE_AXES.k_pe,), index_k)
 
     out: dict[str, Any] = {}
     if c.n_dense_layers:
@@ -92,8 +116,10 @@ def bytes_per_token(config: Config, dtype: Any = None) -> dict[str, int]:
     """Cache bytes per token per layer: {"latent", "rope_key", "index_key", "total"} (see module docstring)."""
     c = config
     item = jnp.dtype(dtype or c.compute_dtype).itemsize
-    out = {"latent": c.kv_lora_rank * item, "rope_key": c.qk_rope_head_dim * item,
-           "index_key": c.index_head_dim * item if c.has_indexer else 0}
+    index_key = 0
+    if c.has_indexer:
+        index_key = c.index_head_dim + 4 if fp8_index_keys(c) else c.index_head_dim * item
+    out = {"latent": c.kv_lora_rank * item, "rope_key": c.qk_rope_head_dim * item, "index_key": index_key}
     out["total"] = sum(out.values())
     return out
 
@@ -123,6 +149,8 @@ def write(cache: Latents, new: Latents, positions: jax.Array, layer: jax.Array |
     def put(c, n):
         if c is None:
             return None
+        if isinstance(c, IndexKey):
+            return IndexKey(*(put(a, b) for a, b in zip(c, quantize_index_key(n))))
         idx = (rows, pos) if layer is None else (layer, rows, pos)
         return c.at[idx].set(n.astype(c.dtype), mode="drop")
 
@@ -130,9 +158,10 @@ def write(cache: Latents, new: Latents, positions: jax.Array, layer: jax.Array |
 
 
 def read(cache: Latents, layer: jax.Array | None = None) -> Latents:
-    """The cached latents of one layer as the attention ops consume them (leaves [B, S, .]); `layer`
-    selects it from a stacked cache [L, B, S, .]."""
-    if layer is None:
-        return cache
-    return Latents(*(None if c is None else jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False)
-                     for c in cache))
+    """The cached latents of one layer as the attention ops consume them (leaves [B, S, .], FP8 index
+    keys dequantised); `layer` selects it from a stacked cache [L, B, S, .]."""
+    if layer is not None:
+        cache = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False), cache)
+    if isinstance(cache.index_k, IndexKey):
+        cache = cache._replace(index_k=dequantize_index_key(*cache.index_k, dtype=cache.kv.dtype))
+    return cache
