@@ -316,9 +316,10 @@ def generate_with_stats(params: Params, config: Config, prompts: Sequence[Sequen
     kept_logits: list[list[np.ndarray]] = [[] for _ in range(b)]
     counters = {"steps": 0, "drafted": 0, "accepted": 0}
 
-    def consume(o: _Out) -> bool:
+    def consume(o: _Out, decode_step: bool = True) -> bool:
         t = np.asarray(o.tokens)
         n = np.asarray(o.n_new)
+        counters["steps"] += int(decode_step and n.any())
         fresh = [t[i, :n[i]].tolist() for i in range(b)]
         lg = np.asarray(o.logits) if return_logits else None
         for i in range(b):
@@ -332,13 +333,13 @@ def generate_with_stats(params: Params, config: Config, prompts: Sequence[Sequen
         return bool(np.asarray(o.done).all())
 
     step = functools.partial(_spec_step if mtp else _step, **kw)
-    pending: _Out | None = out
+    finished = consume(out, decode_step=False)  # the first tokens, streamed right after the prefill
+    pending: _Out | None = None
     # Each step emits at least one token per active sequence, so max(max_new) - 1 steps finish everyone.
     # The next step is dispatched before the previous one's tokens are read (overlapping host and device).
-    for _ in range(max(max_new) - 1):
+    for _ in range(0 if finished else max(max_new) - 1):
         state, nxt = step(params, state, consts)
-        counters["steps"] += 1
-        if consume(pending):
+        if pending is not None and consume(pending):
             pending = None
             break
         pending = nxt
