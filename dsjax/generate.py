@@ -49,10 +49,9 @@ class GenerationResult(NamedTuple):
 
 
 class _State(NamedTuple):
-    cache: dict[str, Any]
+    cache: dict[str, Any]  # cache["lengths"] [B] is also the position of `tokens`, the next slot to write
     tokens: jax.Array  # int32 [B]: the newest token, not yet in the cache
-    positions: jax.Array  # int32 [B]: its position
-    draft: jax.Array  # int32 [B]: MTP draft for positions + 1 (unused without MTP)
+    draft: jax.Array  # int32 [B]: MTP draft for the slot after `tokens` (unused without MTP)
     count: jax.Array  # int32 [B]: tokens emitted so far
     done: jax.Array  # bool [B]
 
@@ -108,9 +107,10 @@ def _prefill_chunk(params, cache, tokens, positions, next_tokens, mtp_positions,
 
 @functools.partial(jax.jit, static_argnames=("config", "greedy", "use_mtp", "with_logits"),
                    donate_argnames=("cache",))
-def _start(params, cache, last_hidden, lengths, consts: _Consts, *, config: Config, greedy: bool, use_mtp: bool,
+def _start(params, cache, last_hidden, consts: _Consts, *, config: Config, greedy: bool, use_mtp: bool,
            with_logits: bool):
     """First new token from the last prompt position (and the first MTP draft)."""
+    lengths = cache["lengths"]  # prompt lengths
     logits = model.lm_head(params, last_hidden)
     y = _sample(logits, consts, jnp.zeros_like(lengths), greedy)
     count = jnp.ones_like(lengths)
@@ -121,7 +121,7 @@ def _start(params, cache, last_hidden, lengths, consts: _Consts, *, config: Conf
                               cache=cache["mtp"])
         cache = {**cache, "mtp": mc}
         draft = jnp.argmax(model.lm_head(params, out[:, 0]), axis=-1).astype(jnp.int32)
-    state = _State(cache, y, lengths, draft, count, done)
+    state = _State(cache, y, draft, count, done)
     no = jnp.zeros_like(done)
     return state, _Out(jnp.stack([y, y], 1), count, no, no, done, logits[:, None] if with_logits else None)
 
@@ -130,16 +130,15 @@ def _start(params, cache, last_hidden, lengths, consts: _Consts, *, config: Conf
 def _step(params, state: _State, consts: _Consts, *, config: Config, greedy: bool, with_logits: bool):
     """One plain decode step: every active sequence feeds its newest token and draws the next one."""
     active = ~state.done
-    aux = model.forward_hidden(params, state.tokens[:, None], config, positions=state.positions[:, None],
+    aux = model.forward_hidden(params, state.tokens[:, None], config, positions=state.cache["lengths"][:, None],
                                cache=cache_lib.layer_caches(state.cache))
     logits = model.lm_head(params, aux.hidden[:, 0])
     y = _sample(logits, consts, state.count, greedy)
     n_new = active.astype(jnp.int32)
     count = state.count + n_new
     done = state.done | (active & (_is_stop(y, consts.stop) | (count >= consts.max_new)))
-    positions = state.positions + n_new
-    cache = {**state.cache, **aux.cache, "lengths": positions}
-    new = _State(cache, jnp.where(active, y, state.tokens), positions, state.draft, count, done)
+    cache = {**state.cache, **aux.cache, "lengths": state.cache["lengths"] + n_new}
+    new = _State(cache, jnp.where(active, y, state.tokens), state.draft, count, done)
     no = jnp.zeros_like(done)
     return new, _Out(jnp.stack([y, y], 1), n_new, no, no, done, logits[:, None] if with_logits else None)
 
@@ -149,7 +148,8 @@ def _spec_step(params, state: _State, consts: _Consts, *, config: Config, greedy
     """One speculative step: verify the MTP draft (2 tokens through the model), draft the next one."""
     active = ~state.done
     toks = jnp.stack([state.tokens, state.draft], 1)
-    pos = jnp.stack([state.positions, state.positions + 1], 1)
+    p = state.cache["lengths"]
+    pos = jnp.stack([p, p + 1], 1)
     aux = model.forward_hidden(params, toks, config, positions=pos, cache=cache_lib.layer_caches(state.cache))
     logits = model.lm_head(params, aux.hidden)  # [B, 2, V]
     y1 = _sample(logits[:, 0], consts, state.count, greedy)
@@ -168,10 +168,9 @@ def _spec_step(params, state: _State, consts: _Consts, *, config: Config, greedy
                           cache=state.cache["mtp"])
     row = jnp.take_along_axis(out, take2.astype(jnp.int32)[:, None, None], axis=1)[:, 0]
     draft = jnp.argmax(model.lm_head(params, row), axis=-1).astype(jnp.int32)
-    positions = state.positions + n_new
-    cache = {**state.cache, **aux.cache, "mtp": mc, "lengths": positions}
+    cache = {**state.cache, **aux.cache, "mtp": mc, "lengths": p + n_new}
     newest = jnp.where(take2, y2, y1)
-    new = _State(cache, jnp.where(active, newest, state.tokens), positions, jnp.where(active, draft, state.draft),
+    new = _State(cache, jnp.where(active, newest, state.tokens), jnp.where(active, draft, state.draft),
                  state.count + n_new, done)
     return new, _Out(jnp.stack([y1, y2], 1), n_new, active, accepted, done, logits if with_logits else None)
 
@@ -308,7 +307,7 @@ def generate_with_stats(params: Params, config: Config, prompts: Sequence[Sequen
         cache, last_hidden = _prefill_chunk(params, cache, toks[:, sl], pos[:, sl], toks[:, k * chunk + 1:
                                             (k + 1) * chunk + 1], mtp_pos[:, sl], lens - 1 - k * chunk,
                                             last_hidden, config=c, use_mtp=mtp)
-    state, out = _start(params, cache, last_hidden, jnp.asarray(lens), consts, use_mtp=mtp, **kw)
+    state, out = _start(params, cache, last_hidden, consts, use_mtp=mtp, **kw)
     jax.block_until_ready(out)
     t1 = time.perf_counter()
 
