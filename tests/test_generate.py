@@ -116,6 +116,20 @@ def test_mixed_lengths_equal_each_prompt_alone(v32, v32_greedy):
         np.testing.assert_allclose(alone.logits[0], v32_greedy.logits[i], atol=2e-5)
 
 
+def test_one_compile_serves_every_step_and_call(v32, v32_greedy):
+    """A call with prompts of other lengths in the same buckets compiles nothing: the prefill, the first
+    token and the decode step (whose state keeps its shapes from step to step) are all reused."""
+    from dsjax.generate import _prefill_chunk, _start, _step
+
+    _, cfg, params = v32
+    sizes = [f._cache_size() for f in (_prefill_chunk, _start, _step)]
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (26, 28, 12)]  # buckets 28 and 64 again
+    res = generate_with_stats(params, cfg, prompts, max_new_tokens=N_NEW, return_logits=True)
+    assert res.stats["steps"] == N_NEW - 1 and [len(t) for t in res.tokens] == [N_NEW] * 3
+    assert [f._cache_size() for f in (_prefill_chunk, _start, _step)] == sizes
+
+
 def test_chunked_prefill_equals_one_shot(v32, v32_greedy):
     _, cfg, params = v32
     res = generate_with_stats(params, cfg, _prompts(cfg.vocab_size), max_new_tokens=N_NEW, prefill_chunk=8,
