@@ -8,8 +8,9 @@ Table 1: prefill tokens/s and decode tokens/s of greedy generation, dsjax (jit, 
   `generate` (PyTorch eager, its own KV cache) on the same weights, config, prompts and batch; the ratio.
   HF prefill = time of generate(max_new_tokens=1); HF decode = the extra time of N tokens over 1.
 Table 2: MTP speculative decoding (2 tokens per step through the model): acceptance rate and decode
-  tokens/s, with random MTP weights and with an MTP module distilled for a few hundred Adam steps on the
-  model's own greedy continuations (held-out prompts are used for the measurement).
+  tokens/s against plain decoding of the same model, with random MTP weights, optionally with an MTP
+  distilled on the model's own greedy outputs (--mtp_train_steps; measured on other prompts), and on
+  models whose MTP agrees by construction (`agreeing_mtp`, --mtp_eps).
 Table 3 (+ PNG): one decode step (B = 1, all layers, lm_head and sampling) with the cache filled up to
   the context length, for DSA (indexer top-2048 + sparse MLA) and dense MLA (the same weights as
   model_type "deepseek_v3"). The attention dims are the real model's (128 heads, latent 512 + 64,
@@ -29,16 +30,51 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "small", "dsjax preset of tables 1 and 2.")
-flags.DEFINE_integer("batch", 4, "Batch size of tables 1 and 2.")
-flags.DEFINE_integer("prompt_len", 512, "Prompt tokens per sequence (above the preset's index_topk: DSA prunes).")
-flags.DEFINE_integer("new_tokens", 32, "New tokens per sequence.")
-flags.DEFINE_integer("mtp_train_steps", 300, "Adam steps distilling the MTP module (0: skip that row).")
-flags.DEFINE_list("contexts", ["2048", "4096", "8192", "16384", "32768"], "Context lengths of table 3.")
-flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is reported).")
-flags.DEFINE_string("plot", "experiments/bench_generate_decode.png", "PNG of table 3 ('' to skip).")
-flags.DEFINE_bool("skip_hf", False, "Skip the HF comparison.")
-flags.DEFINE_list("tables", ["1", "2", "3"], "Which tables to run.")
+
+
+def _define_flags():
+    """Flags are defined only when run as a script, so tests can import `agreeing_mtp` from this file."""
+    flags.DEFINE_string("config", "small", "dsjax preset of tables 1 and 2.")
+    flags.DEFINE_integer("batch", 4, "Batch size of tables 1 and 2.")
+    flags.DEFINE_integer("prompt_len", 512, "Prompt tokens per sequence (above the preset's index_topk: DSA prunes).")
+    flags.DEFINE_integer("new_tokens", 32, "New tokens per sequence.")
+    flags.DEFINE_list("mtp_eps", ["0.0", "0.05"], "Residual-branch scales of the agreeing-MTP rows of table 2.")
+    flags.DEFINE_integer("mtp_train_steps", 0, "Adam steps distilling the MTP module on the model's own "
+                         "greedy outputs (0: skip that row).")
+    flags.DEFINE_list("contexts", ["2048", "4096", "8192", "16384", "32768"], "Context lengths of table 3.")
+    flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is reported).")
+    flags.DEFINE_string("plot", "experiments/bench_generate_decode.png", "PNG of table 3 ('' to skip).")
+    flags.DEFINE_bool("skip_hf", False, "Skip the HF comparison.")
+    flags.DEFINE_list("tables", ["1", "2", "3"], "Which tables to run.")
+
+
+def _scale_outputs(block, eps):
+    """Scale a block's residual-branch outputs (attention wo, MLP / expert down projections) by eps."""
+    b = {**block, "attn": {**block["attn"], "wo": block["attn"]["wo"] * eps}}
+    if "mlp" in b:
+        b["mlp"] = {**b["mlp"], "down": b["mlp"]["down"] * eps}
+    if "moe" in b:
+        m = b["moe"]
+        b["moe"] = {**m, "experts": {**m["experts"], "down": m["experts"]["down"] * eps},
+                    "shared": {**m["shared"], "down": m["shared"]["down"] * eps}}
+    return b
+
+
+def agreeing_mtp(params, config, eps):
+    """A model whose MTP module largely agrees with it, by construction (no trained MTP weights exist for
+    random models): shrink every block's residual branches by eps, so the model is close to the bigram
+    model lm_head(norm(Emb(t))); make the MTP read only the embedding of t_{i+1} (eh_proj = [I; 0]) and
+    share the final norm, so it predicts that same bigram for token i+2. At eps = 0 every draft is right;
+    at eps > 0 attention and MoE still move the logits and some drafts are rejected. Needs params["mtp"]."""
+    import jax.numpy as jnp
+
+    d = config.hidden_size
+    eh = params["mtp"]["eh_proj"]
+    m = {**params["mtp"], "eh_proj": jnp.concatenate([jnp.eye(d), jnp.zeros((d, d))], 0).astype(eh.dtype),
+         "enorm": jnp.ones_like(params["mtp"]["enorm"]), "norm": params["final_norm"],
+         "block": _scale_outputs(params["mtp"]["block"], eps)}
+    return {**params, "dense": _scale_outputs(params["dense"], eps), "moe": _scale_outputs(params["moe"], eps),
+            "mtp": m}
 
 
 def _hf_and_dsjax(cfg):
@@ -153,7 +189,7 @@ def distill_mtp(params, cfg, steps, seed=0):
     return {**params, "mtp": mtp}, float(loss)
 
 
-def table_mtp(params, cfg, batch, prompt_len, n_new, train_steps):
+def table_mtp(params, cfg, batch, prompt_len, n_new, eps_list, train_steps):
     import jax
     import numpy as np
 
@@ -162,21 +198,28 @@ def table_mtp(params, cfg, batch, prompt_len, n_new, train_steps):
     prompts = list(np.random.default_rng(1).integers(2, cfg.vocab_size, (batch, prompt_len)))
     if "mtp" not in params:
         params = {**params, "mtp": dsjax.init_params(cfg, jax.random.key(1))["mtp"]}
-    plain = _dsjax_run(params, cfg, prompts, n_new)
-    rows = [("plain decoding", plain, None)]
-    rows.append(("MTP, random MTP weights", _dsjax_run(params, cfg, prompts, n_new, mtp=True), None))
+    rows = [("random weights: plain decoding", params, False),
+            ("random weights: MTP (random MTP weights)", params, True)]
     if train_steps:
         trained, loss = distill_mtp(params, cfg, train_steps)
-        spec = _dsjax_run(trained, cfg, prompts, n_new, mtp=True)
-        rows.append((f"MTP, distilled {train_steps} steps (final CE {loss:.2f})", spec, None))
+        rows.append((f"random weights: MTP distilled {train_steps} steps on the model's outputs (CE {loss:.2f})",
+                     trained, True))
+    for eps in eps_list:
+        agree = agreeing_mtp(params, cfg, eps)
+        rows += [(f"agreeing MTP, eps={eps}: plain decoding", agree, False),
+                 (f"agreeing MTP, eps={eps}: MTP", agree, True)]
     print(f"\n## MTP speculative decoding: batch={batch}, prompt={prompt_len}, new tokens={n_new} (greedy)")
-    print("| decoding | acceptance | decode steps | decode tokens/s | vs plain | same tokens |\n|---|---|---|---|---|---|")
-    base = plain.stats["decode_tokens"] / plain.stats["decode_s"]
-    for name, r, _ in rows:
+    print("| model: decoding | acceptance | decode steps | decode tokens/s | vs plain | same tokens as plain |\n"
+          "|---|---|---|---|---|---|")
+    base = None
+    for name, p, mtp in rows:
+        r = _dsjax_run(p, cfg, prompts, n_new, mtp=mtp)
         s = r.stats
         tps = s["decode_tokens"] / s["decode_s"]
-        acc = "-" if not s["drafted"] else f"{s['acceptance_rate']:.1%}"
-        print(f"| {name} | {acc} | {s['steps']} | {tps:,.1f} | {tps / base:.2f}x | {r.tokens == plain.tokens} |")
+        if not mtp:
+            base, base_tokens = tps, r.tokens
+        acc = f"{s['acceptance_rate']:.1%}" if s["drafted"] else "-"
+        print(f"| {name} | {acc} | {s['steps']} | {tps:,.1f} | {tps / base:.2f}x | {r.tokens == base_tokens} |")
 
 
 def scaling_config():
@@ -273,10 +316,12 @@ def main(argv):
 
             cfg = dsjax.Config.preset(FLAGS.config)
             params = dsjax.init_params(cfg, jax.random.key(0))
-        table_mtp(params, cfg, FLAGS.batch, FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.mtp_train_steps)
+        table_mtp(params, cfg, FLAGS.batch, FLAGS.prompt_len, FLAGS.new_tokens, [float(e) for e in FLAGS.mtp_eps],
+                  FLAGS.mtp_train_steps)
     if "3" in FLAGS.tables:
         table_context([int(x) for x in FLAGS.contexts], FLAGS.repeats, FLAGS.plot)
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -7,6 +7,9 @@ once per session. Prompts are longer than index_topk = 16 and the cache (64 slot
 decode step runs the indexer's top-k and the sparse MLA op.
 """
 
+import importlib.util
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -179,30 +182,14 @@ def test_sampling_is_reproducible(v32, v32_greedy):
     assert dsjax.generate(params, cfg, prompts, seed=3, **{**kw, "top_k": 1}) == v32_greedy.tokens
 
 
-def _scale_outputs(block, eps):
-    """Scale a block's residual-branch outputs (attention wo, MLP / expert down projections) by eps."""
-    b = {**block, "attn": {**block["attn"], "wo": block["attn"]["wo"] * eps}}
-    if "mlp" in b:
-        b["mlp"] = {**b["mlp"], "down": b["mlp"]["down"] * eps}
-    if "moe" in b:
-        m = b["moe"]
-        b["moe"] = {**m, "experts": {**m["experts"], "down": m["experts"]["down"] * eps},
-                    "shared": {**m["shared"], "down": m["shared"]["down"] * eps}}
-    return b
-
-
-def _agreeing_mtp(params, cfg, eps):
-    """A model whose MTP module largely agrees with it, built by construction (no trained MTP weights exist
-    here): shrink every block's residual branches by eps, so the model is close to a bigram model
-    lm_head(norm(Emb(t))); make the MTP read only the embedding of t_{i+1} (eh_proj = [I; 0]) and share the
-    final norm, so it predicts that same bigram for token i+2. At eps = 0 drafts are always right; at
-    eps > 0 attention and MoE still move the logits, so some drafts are rejected."""
-    d = cfg.hidden_size
-    m = {**params["mtp"], "eh_proj": jnp.concatenate([jnp.eye(d), jnp.zeros((d, d))], 0),
-         "enorm": jnp.ones((d,), jnp.float32), "norm": params["final_norm"],
-         "block": _scale_outputs(params["mtp"]["block"], eps)}
-    return {**params, "dense": _scale_outputs(params["dense"], eps), "moe": _scale_outputs(params["moe"], eps),
-            "mtp": m}
+def _bench_module():
+    """experiments/bench_generate.py, which holds the agreeing-MTP construction the benchmark also uses."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_generate", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                       "experiments", "bench_generate.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_mtp_speculation_equals_plain_decoding(v32, v32_greedy):
@@ -213,7 +200,7 @@ def test_mtp_speculation_equals_plain_decoding(v32, v32_greedy):
     assert spec.tokens == v32_greedy.tokens
     assert spec.stats["drafted"] > 0 and spec.stats["acceptance_rate"] < 0.2
     # An MTP that agrees often: both the accept and the reject paths run, in fewer steps.
-    agree = _agreeing_mtp(params, cfg, 0.05)
+    agree = _bench_module().agreeing_mtp(params, cfg, 0.05)
     plain = generate_with_stats(agree, cfg, prompts, max_new_tokens=N_NEW, return_logits=True)
     spec = generate_with_stats(agree, cfg, prompts, max_new_tokens=N_NEW, mtp=True)
     assert spec.tokens == plain.tokens
