@@ -23,11 +23,12 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+
+from experiments.timing import best_time  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -124,21 +125,12 @@ def table_generate(cfg_name, batch, prompt_len, n_new, repeats, skip_hf):
 
         def hf(n):
             with torch.no_grad():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                     do_sample=False, pad_token_id=0)
-            return out
+                return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                      do_sample=False, pad_token_id=0)
 
-        def best(n):
-            hf(n)
-            ts = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                out = hf(n)
-                ts.append(time.perf_counter() - t)
-            return min(ts), out
-
-        t1, _ = best(1)
-        tn, out = best(n_new)
+        t1 = best_time(lambda: hf(1), repeats)
+        tn = best_time(lambda: hf(n_new), repeats)
+        out = hf(n_new)
         rows.append(("HF transformers generate (torch eager)", t1, tn - t1))
         same = np.array_equal(out[:, prompt_len:].numpy(), np.array(res.tokens))
     n_pre, n_dec = batch * prompt_len, batch * (n_new - 1)
@@ -265,14 +257,13 @@ def table_context(contexts, repeats, plot):
             cache = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 1, x.shape), x.dtype),
                                  cache_lib.init_cache(cfg, 1, s))
             tok, pos = jnp.zeros((1, 1), jnp.int32), jnp.full((1, 1), s - 1, jnp.int32)
-            cache, _ = step(p, cache, tok, pos, cfg=cfg)
-            best = float("inf")
-            for _ in range(repeats):
-                t = time.perf_counter()
-                cache, out = step(p, cache, tok, pos, cfg=cfg)
+            state = {"cache": cache}  # donated every step: keep the newest one
+
+            def run():
+                state["cache"], out = step(p, state["cache"], tok, pos, cfg=cfg)
                 out.block_until_ready()
-                best = min(best, time.perf_counter() - t)
-            times.append(best)
+
+            times.append(best_time(run, repeats))
         rows.append((s, *times))
     print(f"\n## Decode step vs context (B=1, {dsa.num_hidden_layers} layers, H={dsa.num_attention_heads}, latent "
           f"{dsa.kv_lora_rank}+{dsa.qk_rope_head_dim}, indexer {dsa.index_n_heads}x{dsa.index_head_dim}, "
