@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -75,3 +76,21 @@ def combine_splits(out: jax.Array, lse: jax.Array, axis: int) -> tuple[jax.Array
     tot = jnp.sum(w, axis=axis)
     o = jnp.sum(out * jnp.expand_dims(w, -1), axis=axis) / jnp.expand_dims(jnp.where(tot > 0, tot, 1.0), -1)
     return o, jnp.squeeze(mx, axis) + jnp.log(tot)
+
+
+def flops(b: int, t: int, h: int, k: int, dc: int, dr: int, backward: bool = False) -> int:
+    """Matmul FLOPs with every slot valid (FlashMLA's count): forward S = Q.K^T (Dc + Dr) and O = P.V (Dc);
+    backward recomputes S and adds dP = dO.V^T, dQ = dS.K, dK = dS^T.Q (Dc + Dr each) and dV = P^T.dO."""
+    per_slot = 3 * (dc + dr) + 2 * dc if backward else (dc + dr) + dc
+    return 2 * b * t * h * k * per_slot
+
+
+def cost_estimate(b: int, t: int, h: int, k: int, dc: int, dr: int, itemsize: int, *, gathers: int = 1,
+                  backward: bool = False) -> pl.CostEstimate:
+    """For XLA's scheduler: FLOPs, exps and HBM bytes (every slot gathered `gathers` times per query,
+    e.g. once per head block on GPU; the backward also writes f32 dK/dV rows)."""
+    rows = b * t * k * gathers * (dc + dr) * itemsize
+    q_io = b * t * h * (dc + dr + dc) * itemsize * (2 if backward else 1)
+    dkv = b * t * k * gathers * (dc + dr) * 4 if backward else 0
+    return pl.CostEstimate(flops=flops(b, t, h, k, dc, dr, backward), transcendentals=b * t * h * k,
+                           bytes_accessed=rows + q_io + dkv)

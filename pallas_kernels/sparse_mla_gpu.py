@@ -28,8 +28,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.sparse_mla_common import LN2, LOG2E, NEG, cdiv, combine_splits, finish_lse, next_pow2, \
-    pad_axis, prepare_indices
+from pallas_kernels.sparse_mla_common import LN2, LOG2E, NEG, cdiv, combine_splits, cost_estimate, finish_lse, \
+    next_pow2, pad_axis, prepare_indices
 
 F32 = jnp.float32
 TARGET_PROGRAMS = 264  # 2 x the SM count of an H100/H200: split-K until the grid has about this many programs
@@ -148,6 +148,8 @@ def forward(q_nope, q_rope, kv_nope, k_rope, indices, *, scale: float, interpret
         out_shape=[jax.ShapeDtypeStruct((b, t, num_splits, pd.hp, pd.dcp), o_dtype),
                    jax.ShapeDtypeStruct((b, t, num_splits, pd.hp), F32)],
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        cost_estimate=cost_estimate(b, t, pd.hp, idx.shape[-1], pd.dcp, pd.drp, kv_nope.dtype.itemsize,
+                                    gathers=nhb),
         interpret=interpret,
         name="sparse_mla_fwd_gpu",
     )(qn, qr, idx, n_chunks, kvn, kr)
@@ -232,6 +234,8 @@ def backward(q_nope, q_rope, kv_nope, k_rope, indices, out, lse, dout, dlse, *, 
                    jax.ShapeDtypeStruct(dkvn0.shape, F32), jax.ShapeDtypeStruct(dkr0.shape, F32)],
         input_output_aliases={9: 2, 10: 3},
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        cost_estimate=cost_estimate(b, t, pd.hp, idx.shape[-1], pd.dcp, pd.drp, kv_nope.dtype.itemsize,
+                                    gathers=nhb, backward=True),
         interpret=interpret,
         name="sparse_mla_bwd_gpu",
     )(qn, qr, idx, n_chunks, kvn, kr, do, lse_p, delta_p, dkvn0, dkr0)

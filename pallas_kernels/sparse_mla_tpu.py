@@ -28,7 +28,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.sparse_mla_common import NEG, cdiv, finish_lse, pad_axis, prepare_indices, round_up
+from pallas_kernels.sparse_mla_common import NEG, cdiv, cost_estimate, finish_lse, pad_axis, prepare_indices, \
+    round_up
 
 F32 = jnp.float32
 _STAGING_BUDGET_BYTES = 1 << 28  # G rows (f32) staged in HBM per token chunk of the backward
@@ -98,7 +99,7 @@ class _Gather:
             chunk_fn(c, slot, self.buf_n[slot], self.buf_r[slot])
 
 
-def _scratch(h, dc, dr, bk, dtype):
+def _scratch(dc, dr, bk, dtype):
     return [pltpu.VMEM((2, bk, dc), dtype), pltpu.VMEM((2, bk, dr), dtype),
             pltpu.SemaphoreType.DMA((2,)), pltpu.SemaphoreType.DMA((2,))]
 
@@ -164,9 +165,10 @@ def forward(q_nope, q_rope, kv_nope, k_rope, indices, *, scale: float, interpret
         in_specs=[_token_spec(h, dc), _token_spec(h, dr), *_index_specs(kp), _HBM, _HBM],
         out_specs=[_token_spec(h, dc), _token_spec(h, 1)],
         out_shape=[jax.ShapeDtypeStruct((b, t, h, dc), q_nope.dtype), jax.ShapeDtypeStruct((b, t, h, 1), F32)],
-        scratch_shapes=_scratch(h, dc, dr, bk, kv_nope.dtype)
+        scratch_shapes=_scratch(dc, dr, bk, kv_nope.dtype)
         + [pltpu.VMEM((h, dc), F32), pltpu.VMEM((h, 1), F32), pltpu.VMEM((h, 1), F32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        cost_estimate=cost_estimate(b, t, h, kp, dc, dr, kv_nope.dtype.itemsize),
         interpret=interpret,
         name="sparse_mla_fwd_tpu",
     )(q_nope, q_rope, idx[:, :, None, :], idx[:, :, None, :], n_chunks[..., None, None], kv_nope, k_rope)
@@ -232,11 +234,12 @@ def _bwd_call(qn, qr, idx, n_chunks, kvn, kr, do, lse, delta, *, scale, block_k,
         out_specs=[_token_spec(h, dc), _token_spec(h, dr), _HBM, _HBM],
         out_shape=[jax.ShapeDtypeStruct(qn.shape, qn.dtype), jax.ShapeDtypeStruct(qr.shape, qr.dtype),
                    jax.ShapeDtypeStruct((b, tc, kp, dc), F32), jax.ShapeDtypeStruct((b, tc, kp, dr), F32)],
-        scratch_shapes=_scratch(h, dc, dr, block_k, kvn.dtype)
+        scratch_shapes=_scratch(dc, dr, block_k, kvn.dtype)
         + [pltpu.VMEM((2, block_k, dc), F32), pltpu.VMEM((2, block_k, dr), F32),
            pltpu.SemaphoreType.DMA((2,)), pltpu.SemaphoreType.DMA((2,)),
            pltpu.VMEM((h, dc), F32), pltpu.VMEM((h, dr), F32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        cost_estimate=cost_estimate(b, tc, h, kp, dc, dr, kvn.dtype.itemsize, backward=True),
         interpret=interpret,
         name="sparse_mla_bwd_tpu",
     )(qn, qr, idx[:, :, None, :], idx[:, :, None, :], n_chunks[..., None, None], kvn, kr, do, lse[..., None], delta[..., None])

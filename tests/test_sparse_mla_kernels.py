@@ -13,6 +13,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 import dsjax
+from dsjax import model as model_lib
 import pallas_kernels
 from pallas_kernels import reference as R
 from pallas_kernels import sparse_mla_gpu, sparse_mla_tpu
@@ -228,6 +229,32 @@ def test_model_logits_with_each_kernel(model_setup, backend):
     jaxpr = str(jax.make_jaxpr(lambda p: dsjax.forward(p, tokens, cfg))(params))
     assert f"sparse_mla_fwd_{backend[len('pallas_'):]}" in jaxpr  # the kernel really runs in the model
     np.testing.assert_allclose(dsjax.forward(params, tokens, cfg), ref, atol=2e-4, rtol=2e-4)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _model_attention_grads(params, tokens, cfg):
+    """Gradients of a logits functional w.r.t. the attention weights (the fine-tuning path, with remat)."""
+    w = jnp.cos(jnp.arange(cfg.vocab_size, dtype=jnp.float32))
+
+    def loss(attn):
+        p = {**params, "dense": {**params["dense"], "attn": attn}}
+        logits = model_lib.forward_with_aux(p, tokens, cfg, remat="full")[0]
+        return jnp.sum(logits * w)
+
+    return jax.grad(loss)(params["dense"]["attn"])
+
+
+@pytest.mark.parametrize("backend", list(KERNELS))
+def test_model_gradients_with_each_kernel(model_setup, backend):
+    params, tokens, _ = model_setup
+    tokens = jnp.asarray(tokens, jnp.int32)
+    ref = _model_attention_grads(params, tokens, MODEL_CFG.replace(attention_backend="xla"))
+    got = _model_attention_grads(params, tokens, MODEL_CFG.replace(attention_backend=backend,
+                                                                   kernel_interpret=True))
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(ref)):
+        if "indexer" not in str(path):  # top-k indices carry no gradient (the indexer trains on its KL loss)
+            assert np.abs(_f32(r)).max() > 0, path
+        np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-3, err_msg=str(path))
 
 
 # ----------------------------------------------------------------------------- dispatch and errors
