@@ -21,6 +21,21 @@ LN2 = math.log(2.0)
 NEG = -1e30  # finite "-inf" for running maxima: exp2(NEG - NEG) never occurs on a masked score
 
 
+def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a [M, D] . b [N, D]^T -> f32 [M, N] (inside kernels: lowers to one MXU / tensor-core matmul)."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a [M, N] . b [N, D] -> f32 [M, D]."""
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot_tn(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a [N, M]^T . b [N, D] -> f32 [M, D]."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

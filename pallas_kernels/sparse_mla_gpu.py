@@ -13,6 +13,10 @@ Design (pallas_dsa_notes.md §4.3, §4.6):
   * backward: the same grid; P is recomputed from the saved lse, dQ is owned by the program (no races),
     and the per-slot dK/dV rows are scatter-added into an fp32 dKV with `pltriton.atomic_add`.
 
+Duplicate indices within one query are counted twice (as the XLA gather does); in interpret mode the
+atomic scatter of the backward is emulated by a gather/set that keeps one of two duplicate rows of a chunk,
+so interpret-mode gradients assume distinct indices per query (the indexer's top-k is distinct).
+
 JAX 0.10 lowers GPU `pallas_call`s with Mosaic GPU by default; passing `pltriton.CompilerParams` selects
 Triton. Shapes the kernel cannot take directly (heads not a multiple of the head block, non power-of-two
 Dc/Dr) are zero-padded by the wrappers, which does not change the result.
@@ -28,8 +32,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.sparse_mla_common import LN2, LOG2E, NEG, cdiv, combine_splits, cost_estimate, finish_lse, \
-    next_pow2, pad_axis, prepare_indices
+from pallas_kernels.sparse_mla_common import LN2, LOG2E, NEG, cdiv, combine_splits, cost_estimate, dot_nn, \
+    dot_nt, dot_tn, finish_lse, next_pow2, pad_axis, prepare_indices
 
 F32 = jnp.float32
 TARGET_PROGRAMS = 264  # 2 x the SM count of an H100/H200: split-K until the grid has about this many programs
@@ -39,21 +43,6 @@ def default_num_splits(programs: int, n_blocks: int) -> int:
     """Split-K factor: 1 for prefill-sized grids; for decode-sized grids (few query tokens x head blocks)
     enough splits of the top-k list to give about TARGET_PROGRAMS programs, at most one per chunk."""
     return max(1, min(n_blocks, TARGET_PROGRAMS // max(1, programs)))
-
-
-def _nt(a, b):
-    """a [M, D] . b [N, D]^T -> f32 [M, N]."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=F32)
-
-
-def _nn(a, b):
-    """a [M, N] . b [N, D] -> f32 [M, D]."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=F32)
-
-
-def _tn(a, b):
-    """a [N, M]^T . b [N, D] -> f32 [M, D]."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=F32)
 
 
 def _gather(idx_ref, kvn_ref, kr_ref, c, block_k):
@@ -76,13 +65,13 @@ def _fwd_kernel(qn_ref, qr_ref, idx_ref, nck_ref, kvn_ref, kr_ref, o_ref, lse_re
     def body(c, carry):
         acc, m, l = carry
         valid, _, kn, kr = _gather(idx_ref, kvn_ref, kr_ref, c, block_k)
-        s = (_nt(qn, kn) + _nt(qr, kr)) * c_scale
+        s = (dot_nt(qn, kn) + dot_nt(qr, kr)) * c_scale
         s = jnp.where(valid[None, :], s, -jnp.inf)  # m stays finite, so exp2(-inf - m) = 0
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _nn(p.astype(kn.dtype), kn)
+        acc = acc * alpha[:, None] + dot_nn(p.astype(kn.dtype), kn)
         return acc, m_new, l
 
     init = (jnp.zeros((bh, dc), F32), jnp.full((bh,), NEG, F32), jnp.zeros((bh,), F32))
@@ -95,7 +84,7 @@ def _fwd_kernel(qn_ref, qr_ref, idx_ref, nck_ref, kvn_ref, kr_ref, o_ref, lse_re
 class _Padded:
     """Zero-pads heads to a multiple of block_h and Dc/Dr to powers of two (>= 16, the tl.dot minimum)."""
 
-    def __init__(self, q_nope, q_rope, kv_nope, k_rope, block_h):
+    def __init__(self, q_nope, q_rope, block_h):
         self.h, self.dc, self.dr = q_nope.shape[2], q_nope.shape[3], q_rope.shape[3]
         self.block_h = block_h or min(64, max(16, next_pow2(self.h)))
         self.hp = cdiv(self.h, self.block_h) * self.block_h
@@ -117,7 +106,7 @@ def forward(q_nope, q_rope, kv_nope, k_rope, indices, *, scale: float, interpret
     """
     b, t, h, dc = q_nope.shape
     s_len = kv_nope.shape[1]
-    pd = _Padded(q_nope, q_rope, kv_nope, k_rope, block_h)
+    pd = _Padded(q_nope, q_rope, block_h)
     bh = pd.block_h
     block_k = block_k or 64
     idx, n_chunks = prepare_indices(indices, s_len, block_k)
@@ -175,15 +164,15 @@ def _bwd_kernel(qn_ref, qr_ref, idx_ref, nck_ref, kvn_ref, kr_ref, do_ref, lse_r
     def body(c, carry):
         dqn, dqr = carry
         valid, safe, kn, kr = _gather(idx_ref, kvn_ref, kr_ref, c, block_k)
-        s = (_nt(qn, kn) + _nt(qr, kr)) * c_scale
+        s = (dot_nt(qn, kn) + dot_nt(qr, kr)) * c_scale
         p = jnp.where(valid[None, :], jnp.exp2(s - lse2[:, None]), 0.0)  # [bh, bk]
-        dp = _nt(do, kn)
+        dp = dot_nt(do, kn)
         ds = p * (dp - delta[:, None])
         ds_c = ds.astype(kn.dtype)
-        dqn = dqn + _nn(ds_c, kn)
-        dqr = dqr + _nn(ds_c, kr)
-        dkn = _tn(ds_c, qn) * scale + _tn(p.astype(do.dtype), do)  # [bk, Dc]
-        dkr = _tn(ds_c, qr) * scale
+        dqn = dqn + dot_nn(ds_c, kn)
+        dqr = dqr + dot_nn(ds_c, kr)
+        dkn = dot_tn(ds_c, qn) * scale + dot_tn(p.astype(do.dtype), do)  # [bk, Dc]
+        dkr = dot_tn(ds_c, qr) * scale
         # Unused slots add their (zero) rows to trash rows S + j: distinct within the chunk, so the adds of
         # one chunk never collide, and the trash rows are sliced away by the wrapper.
         rows = jnp.where(valid, safe, s_len + jnp.arange(block_k, dtype=jnp.int32))[:, None]
@@ -206,7 +195,7 @@ def backward(q_nope, q_rope, kv_nope, k_rope, indices, out, lse, dout, dlse, *, 
     """
     b, t, h, dc = q_nope.shape
     s_len = kv_nope.shape[1]
-    pd = _Padded(q_nope, q_rope, kv_nope, k_rope, block_h)
+    pd = _Padded(q_nope, q_rope, block_h)
     bh = pd.block_h
     idx, n_chunks = prepare_indices(indices, s_len, block_k)
     nhb = pd.hp // bh

@@ -28,23 +28,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.sparse_mla_common import NEG, cdiv, cost_estimate, finish_lse, pad_axis, prepare_indices, \
-    round_up
+from pallas_kernels.sparse_mla_common import NEG, cdiv, cost_estimate, dot_nn, dot_nt, dot_tn, finish_lse, \
+    pad_axis, prepare_indices, round_up
 
 F32 = jnp.float32
 _STAGING_BUDGET_BYTES = 1 << 28  # G rows (f32) staged in HBM per token chunk of the backward
-
-
-def _nt(a, b):
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=F32)
-
-
-def _nn(a, b):
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=F32)
-
-
-def _tn(a, b):
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=F32)
 
 
 def default_block_k(k: int) -> int:
@@ -129,14 +117,14 @@ def _fwd_kernel(qn_ref, qr_ref, idx_s, idx_v, nck, kvn_hbm, kr_hbm, o_ref, lse_r
 
     def chunk(c, slot, kn, kr):
         valid = idx_v[:, pl.ds(pl.multiple_of(c * block_k, block_k), block_k)] >= 0  # [1, bk]
-        s = (_nt(qn, kn) + _nt(qr, kr)) * scale
+        s = (dot_nt(qn, kn) + dot_nt(qr, kr)) * scale
         s = jnp.where(valid, s, -jnp.inf)  # m stays finite, so exp(-inf - m) = 0
         m_prev = m_ref[...]
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         alpha = jnp.exp(m_prev - m_new)
         p = jnp.exp(s - m_new)
         l_ref[...] = l_ref[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
-        acc_ref[...] = acc_ref[...] * alpha + _nn(p.astype(kn.dtype), kn)
+        acc_ref[...] = acc_ref[...] * alpha + dot_nn(p.astype(kn.dtype), kn)
         m_ref[...] = m_new
 
     _Gather(idx_s, kvn_hbm, kr_hbm, buf_n, buf_r, sem_n, sem_r, block_k).loop(nck[0, 0], chunk)
@@ -192,20 +180,20 @@ def _bwd_kernel(qn_ref, qr_ref, idx_s, idx_v, nck, kvn_hbm, kr_hbm, do_ref, lse_
 
     def chunk(c, slot, kn, kr):
         valid = idx_v[:, pl.ds(pl.multiple_of(c * block_k, block_k), block_k)] >= 0
-        s = (_nt(qn, kn) + _nt(qr, kr)) * scale
+        s = (dot_nt(qn, kn) + dot_nt(qr, kr)) * scale
         p = jnp.where(valid, jnp.exp(s - lse), 0.0)  # [H, bk]
-        ds = p * (_nt(do, kn) - delta)
+        ds = p * (dot_nt(do, kn) - delta)
         ds_c = ds.astype(kn.dtype)
-        dqn_acc[...] += _nn(ds_c, kn)
-        dqr_acc[...] += _nn(ds_c, kr)
+        dqn_acc[...] += dot_nn(ds_c, kn)
+        dqr_acc[...] += dot_nn(ds_c, kr)
 
         @pl.when(c >= 2)  # the slot's previous write (chunk c - 2) must have left the buffer
         def _():
             for cp in write(c - 2, slot):
                 cp.wait()
 
-        gn_buf[slot] = _tn(ds_c, qn) * scale + _tn(p.astype(do.dtype), do)
-        gr_buf[slot] = _tn(ds_c, qr) * scale
+        gn_buf[slot] = dot_tn(ds_c, qn) * scale + dot_tn(p.astype(do.dtype), do)
+        gr_buf[slot] = dot_tn(ds_c, qr) * scale
         for cp in write(c, slot):
             cp.start()
 
