@@ -230,7 +230,8 @@ def _bwd_call(qn, qr, idx, n_chunks, kvn, kr, do, lse, delta, *, scale, block_k,
         cost_estimate=cost_estimate(b, tc, h, kp, dc, dr, kvn.dtype.itemsize, backward=True),
         interpret=interpret,
         name="sparse_mla_bwd_tpu",
-    )(qn, qr, idx[:, :, None, :], idx[:, :, None, :], n_chunks[..., None, None], kvn, kr, do, lse[..., None], delta[..., None])
+    )(qn, qr, idx[:, :, None, :], idx[:, :, None, :], n_chunks[..., None, None], kvn, kr, do, lse[..., None],
+      delta[..., None])
 
 
 def backward(q_nope, q_rope, kv_nope, k_rope, indices, out, lse, dout, dlse, *, scale: float, interpret=False,

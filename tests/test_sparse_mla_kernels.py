@@ -13,6 +13,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 import dsjax
+from dsjax import cache as cache_lib
 from dsjax import model as model_lib
 import pallas_kernels
 from pallas_kernels import reference as R
@@ -229,6 +230,40 @@ def test_model_logits_with_each_kernel(model_setup, backend):
     jaxpr = str(jax.make_jaxpr(lambda p: dsjax.forward(p, tokens, cfg))(params))
     assert f"sparse_mla_fwd_{backend[len('pallas_'):]}" in jaxpr  # the kernel really runs in the model
     np.testing.assert_allclose(dsjax.forward(params, tokens, cfg), ref, atol=2e-4, rtol=2e-4)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _cached_step(params, tokens, positions, cache, cfg):
+    aux = model_lib.forward_hidden(params, tokens, cfg, positions=positions, cache=cache)
+    return model_lib.lm_head(params, aux.hidden), aux.cache
+
+
+def _prefill_then_decode(params, tokens, cfg, prefill=18, steps=3, cap=32):
+    """Logits of a prefill into a `cap`-slot cache followed by `steps` T = 1 decode steps."""
+    b = tokens.shape[0]
+    pos = jnp.broadcast_to(jnp.arange(prefill, dtype=jnp.int32), (b, prefill))
+    logits, cache = _cached_step(params, jnp.asarray(tokens[:, :prefill]), pos, cache_lib.init_cache(cfg, b, cap), cfg)
+    outs = [logits]
+    for t in range(prefill, prefill + steps):
+        logits, cache = _cached_step(params, jnp.asarray(tokens[:, t:t + 1]), jnp.full((b, 1), t, jnp.int32), cache,
+                                     cfg)
+        outs.append(logits)
+    return np.concatenate([np.asarray(o) for o in outs], axis=1)
+
+
+@pytest.fixture(scope="module")
+def decode_ref(model_setup):
+    params, tokens, _ = model_setup
+    return _prefill_then_decode(params, tokens, MODEL_CFG.replace(attention_backend="xla"))
+
+
+@pytest.mark.parametrize("backend", list(KERNELS))
+def test_model_cached_decode_with_each_kernel(model_setup, decode_ref, backend):
+    """Prefill into a 32-slot cache, then T = 1 decode steps: the kernels attend over [B, S_max] caches
+    whose unwritten slots the indexer leaves out (-1), and match the XLA path step by step."""
+    params, tokens, _ = model_setup
+    got = _prefill_then_decode(params, tokens, MODEL_CFG.replace(attention_backend=backend, kernel_interpret=True))
+    np.testing.assert_allclose(got, decode_ref, atol=2e-4, rtol=2e-4)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
