@@ -149,6 +149,33 @@ def to_hf(a: np.ndarray, t: Target) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def row_block_slices(spec: ParamSpec, t: Target, rows: tuple[int, int] | None) -> tuple[slice, ...] | None:
+    """Where HF rows [r0, r1) of a target land in its dsjax matrix, as one slice per matrix dim.
+
+    HF rows are a linear's outputs (dsjax columns) or the embedding's rows. Returns None when the block
+    is not one rectangular slice (a linear whose output is viewed as several logical dims, e.g. wq_b
+    [Rq, H, dn+dr]); such tensors are read whole. rows=None: the whole matrix.
+    """
+    m = matrix_shape(spec, t)
+    full = tuple(slice(None) for _ in m)
+    if rows is None:
+        return full
+    if t.linear and len(m) - t.n_in == 1:
+        return full[:-1] + (slice(*rows),)
+    if not t.linear and len(m) == 2:
+        return (slice(*rows),) + full[1:]
+    return None
+
+
+def block_shape(spec: ParamSpec, t: Target, rows: tuple[int, int] | None) -> tuple[int, ...]:
+    """Logical shape of the dsjax matrix block holding HF rows [r0, r1) (the whole matrix if rows is None)."""
+    m = matrix_shape(spec, t)
+    sl = row_block_slices(spec, t, rows)
+    if sl is None:
+        raise ValueError(f"HF rows of {t.path} do not map to one block of its dsjax matrix {list(m)}.")
+    return tuple(len(range(*s.indices(d))) for s, d in zip(sl, m))
+
+
 def iter_targets(config: Config) -> Iterator[tuple[str, Target, ParamSpec]]:
     """(HF name, target, spec of the target's params leaf) for every tensor of the checkpoint."""
     specs = param_specs(config)

@@ -1,0 +1,368 @@
+"""The dsjax Orbax checkpoint: layout, atomic commit behind a completion marker, streamed writes.
+
+A checkpoint directory `O` is an ordinary Orbax PyTree checkpoint (tensorstore zarr arrays in an OCDBT
+database; `ocp.PyTreeCheckpointer` / `ocp.StandardCheckpointer` restore it) of the params tree, plus
+
+    O/dsjax_checkpoint.json   the completion marker: format, HF config, dtypes, which leaves are FP8
+    O/hf_assets/              tokenizer and other small files of the source HF directory (convert only)
+
+Each array is stored under its tree path joined by dots ("moe.attn.wq_b"; an FP8 leaf as
+"moe.attn.wq_b.qweight" and "moe.attn.wq_b.scale").
+
+Atomicity: nothing is written into `O` itself. Writers fill `O.partial`, let Orbax finalize it (merge
+the per-process OCDBT databases), write the marker last, then rename `O.partial` to `O`. `load` only
+accepts a directory holding the marker, so a killed writer never leaves an `O` that loads.
+
+Streaming: a `StreamedArray` leaf is produced block by block (e.g. one expert matrix at a time) by
+`StreamedArrayHandler`, an Orbax `TypeHandler` that writes each block into its slice of the zarr array,
+with at most `inflight_bytes` of blocks being read or written at once. Every committed block is
+journaled in `O.partial`, so a rerun after a crash skips what is already on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from typing import Any, Callable, Iterable, Mapping, Sequence, TextIO
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+from orbax.checkpoint import future as ocp_future
+
+from checkpoints.safetensors_io import CheckpointError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "dsjax-orbax/1"
+MARKER = "dsjax_checkpoint.json"
+ASSETS = "hf_assets"
+PARTIAL = ".partial"  # O.partial: the directory a writer fills before renaming it to O
+_STATE = "dsjax_write_state.json"  # in O.partial: what is being written (a rerun resumes only the same job)
+_JOURNAL = "dsjax_write_journal.txt"  # in O.partial: keys of committed blocks, one per line
+_ORBAX_METADATA = "_METADATA"
+
+
+def leaf_name(path: Sequence[str]) -> str:
+    """Orbax parameter name of a params-tree path: ("moe", "attn", "wq_b") -> "moe.attn.wq_b"."""
+    return ".".join(path)
+
+
+def tree_paths(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
+    """(path, leaf) of every leaf of a nested-dict tree, in tree order."""
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, StreamedArray))[0]
+    return [(tuple(k.key for k in p), v) for p, v in flat]
+
+
+# --------------------------------------------------------------------------- streamed writes
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One write of a streamed array: `produce()` returns the data for `array[index]`."""
+
+    key: str  # unique within the checkpoint; journaled once committed
+    index: tuple[Any, ...]  # ints (stacked layer / expert) and slices
+    produce: Callable[[], np.ndarray]
+    out_bytes: int  # bytes of the produced block (progress)
+    mem_bytes: int  # peak host memory while producing and writing it (the in-flight budget)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedArray:
+    """An array leaf that is never whole in memory: written block by block at save time.
+
+    `write_shape` is the shape of one full block (stacked axes 1); zarr chunks subdivide it, so blocks
+    never share a chunk.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    write_shape: tuple[int, ...]
+    blocks: Sequence[Block]
+
+
+class StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
+    """Orbax TypeHandler writing `StreamedArray` leaves block by block with bounded memory.
+
+    The arrays land exactly where Orbax's own handlers put a host array (same tensorstore spec), so any
+    Orbax restore reads them; the value type is recorded as "np.ndarray".
+    """
+
+    def __init__(self, *, done: set[str], journal: TextIO | None, threads: int, inflight_bytes: int,
+                 chunk_bytes: int, progress: bool):
+        super().__init__()
+        self._done, self._journal = done, journal
+        self._threads, self._inflight, self._chunk_bytes = threads, inflight_bytes, chunk_bytes
+        self._progress = progress
+
+    async def serialize(self, values: Sequence[StreamedArray], infos: Sequence[Any],
+                        args: Sequence[Any] | None = None) -> list[Any]:
+        return [ocp_future.CommitFutureAwaitingContractedSignals(self._write(values, infos),
+                                                                 name="dsjax_streamed_write")]
+
+    async def _open(self, v: StreamedArray, info: Any) -> ts.TensorStore:
+        await info.await_path_creation()
+        use_ocdbt = bool(info.is_ocdbt_checkpoint)
+        spec = ocp.type_handlers.get_json_tspec_write(
+            info, use_ocdbt=use_ocdbt, global_shape=v.shape, local_shape=v.write_shape, dtype=v.dtype,
+            process_index=jax.process_index() if use_ocdbt else None,
+            arg=ocp.SaveArgs(chunk_byte_size=self._chunk_bytes))
+        # open=True: a resumed write reopens the array a killed run created (same spec, same metadata).
+        return await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
+
+    async def _write(self, values: Sequence[StreamedArray], infos: Sequence[Any]) -> None:
+        from tqdm.auto import tqdm
+
+        stores = [await self._open(v, info) for v, info in zip(values, infos)]
+        todo = [(t, b) for t, v in zip(stores, values) for b in v.blocks if b.key not in self._done]
+        loop = asyncio.get_running_loop()
+        budget = _ByteBudget(self._inflight)
+        bar = tqdm(total=sum(b.out_bytes for _, b in todo), unit="B", unit_scale=True, desc="writing",
+                   disable=not self._progress, mininterval=1.0)
+
+        async def one(t: ts.TensorStore, b: Block, pool: concurrent.futures.Executor) -> None:
+            try:
+                a = await loop.run_in_executor(pool, b.produce)
+                # The block is only referenced, not copied, until tensorstore has committed it.
+                await t[b.index].write(a, can_reference_source_data_indefinitely=True)
+                del a
+                if self._journal is not None:
+                    self._journal.write(b.key + "\n")
+                    self._journal.flush()
+                bar.update(b.out_bytes)
+            finally:
+                await budget.release(b.mem_bytes)
+
+        tasks: list[asyncio.Task] = []
+        with concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="dsjax-read") as pool:
+            try:
+                for t, b in todo:
+                    await budget.acquire(b.mem_bytes)
+                    failed = [x for x in tasks if x.done() and x.exception() is not None]
+                    if failed:
+                        await budget.release(b.mem_bytes)
+                        break
+                    tasks.append(asyncio.ensure_future(one(t, b, pool)))
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+            finally:
+                bar.close()
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+
+
+class _ByteBudget:
+    """At most `limit` bytes in flight; a single request larger than the limit runs alone."""
+
+    def __init__(self, limit: int):
+        self._limit, self._used = limit, 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, n: int) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self._used == 0 or self._used + n <= self._limit)
+            self._used += n
+
+    async def release(self, n: int) -> None:
+        async with self._cond:
+            self._used -= n
+            self._cond.notify_all()
+
+
+# --------------------------------------------------------------------------- directories and commit
+def partial_dir(out_dir: str | os.PathLike) -> epath.Path:
+    p = epath.Path(os.path.abspath(os.fspath(out_dir)))
+    return p.parent / (p.name + PARTIAL)
+
+
+def _write_json(path: epath.Path, obj: Any) -> None:
+    tmp = path.parent / (path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: epath.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_target(out: epath.Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; choose another --out_dir, delete it, or pass "
+                              "overwrite=True (--overwrite) to replace it once the new one is complete.")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory; it will not be replaced.")
+
+
+def _commit(part: epath.Path, out: epath.Path, marker: Mapping[str, Any], overwrite: bool) -> None:
+    """Marker last, then rename O.partial -> O (replacing an old O only now that the new one is whole)."""
+    for name in (_STATE, _JOURNAL):
+        if (part / name).exists():
+            (part / name).unlink()
+    _write_json(part / MARKER, dict(marker))
+    _fsync_dir(part)
+    old = None
+    if out.exists():
+        _check_target(out, overwrite)
+        old = out.parent / (out.name + ".replaced")
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(out, old)
+    os.rename(part, out)
+    _fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _open_partial(out: epath.Path, state: Mapping[str, Any]) -> tuple[epath.Path, set[str]]:
+    """Create O.partial, or reopen it to resume the same job; returns (dir, keys already committed)."""
+    part = partial_dir(out)
+    if part.exists():
+        contents = set(os.listdir(part))
+        if MARKER in contents:
+            return part, {"*complete*"}
+        prev = None
+        if _STATE in contents:
+            try:
+                prev = json.loads((part / _STATE).read_text())
+            except (OSError, json.JSONDecodeError):
+                prev = None
+        if prev == dict(state):
+            done = set((part / _JOURNAL).read_text().split()) if (part / _JOURNAL).exists() else set()
+            log.info("resuming the interrupted write in %s (%d blocks already committed)", part, len(done))
+            return part, done
+        if contents and _STATE not in contents:
+            raise CheckpointError(f"{part} exists but was not created by dsjax (no {_STATE}); move it away "
+                                  "or delete it, then rerun.")
+        log.info("%s holds an interrupted write of a different job; starting over", part)
+        shutil.rmtree(part)
+    part.mkdir(parents=True)
+    _write_json(part / _STATE, dict(state))
+    return part, set()
+
+
+def write_streamed(out_dir: str | os.PathLike, tree: Any, marker: Mapping[str, Any], *, state: Mapping[str, Any],
+                   assets: Iterable[str] = (), overwrite: bool = False, threads: int = 2,
+                   inflight_bytes: int = 512 << 20, chunk_bytes: int = 8 << 20, progress: bool = True) -> None:
+    """Write a tree of `StreamedArray`s as a dsjax checkpoint at `out_dir`, atomically and resumably.
+
+    state: a JSON-able description of the job (source files, options); a rerun with the same state
+    resumes an interrupted `out_dir.partial`, a different one starts over. assets: files copied to
+    O/hf_assets. Peak host memory ~ inflight_bytes (+ the reader threads' current blocks).
+    """
+    out = epath.Path(os.path.abspath(os.fspath(out_dir)))
+    _check_target(out, overwrite)
+    part, done = _open_partial(out, state)
+    if "*complete*" not in done:
+        with open(part / _JOURNAL, "a") as journal:
+            handler = StreamedArrayHandler(done=done, journal=journal, threads=threads,
+                                           inflight_bytes=inflight_bytes, chunk_bytes=chunk_bytes,
+                                           progress=progress)
+            registry = ocp.type_handlers.create_type_handler_registry((StreamedArray, handler))
+            h = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+            h.save(part, args=ocp.args.PyTreeSave(tree))
+            h.finalize(part)
+        assets = list(assets)
+        if assets:
+            (part / ASSETS).mkdir(exist_ok=True)
+            for a in assets:
+                shutil.copy2(a, part / ASSETS / os.path.basename(a))
+    _commit(part, out, marker, overwrite)
+
+
+def write_arrays(out_dir: str | os.PathLike, tree: Any, marker: Mapping[str, Any], *, overwrite: bool = False
+                 ) -> None:
+    """Write a tree of (possibly sharded, multi-host) jax / numpy arrays as a dsjax checkpoint.
+
+    Every process calls this; each writes its own shards (Orbax), process 0 commits.
+    """
+    out = epath.Path(os.path.abspath(os.fspath(out_dir)))
+    part = partial_dir(out)
+    primary = jax.process_index() == 0
+    if primary:
+        _check_target(out, overwrite)
+        if part.exists():
+            shutil.rmtree(part)
+        part.mkdir(parents=True)
+    _sync("dsjax_save_start")
+    h = ocp.PyTreeCheckpointHandler()
+    h.save(part, args=ocp.args.PyTreeSave(tree))
+    _sync("dsjax_save_written")
+    if primary:
+        h.finalize(part)
+        _commit(part, out, marker, overwrite)
+    _sync("dsjax_save_committed")
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+# --------------------------------------------------------------------------- reading
+def read_marker(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """The marker of a complete dsjax checkpoint; one clear CheckpointError otherwise."""
+    d = epath.Path(os.path.abspath(os.fspath(ckpt_dir)))
+    if not d.is_dir():
+        if partial_dir(d).exists():
+            raise CheckpointError(f"{d} does not exist, but {partial_dir(d)} does: the write was interrupted. "
+                                  "Rerun the same `python -m checkpoints.convert` command to finish it.")
+        raise CheckpointError(f"{d} is not a directory; pass the folder written by checkpoints.convert / save.")
+    if not (d / MARKER).exists():
+        raise CheckpointError(f"{d} is not a complete dsjax checkpoint (no {MARKER}); it was not written by "
+                              "checkpoints.convert / checkpoints.save, or its write did not finish.")
+    try:
+        marker = json.loads((d / MARKER).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{d / MARKER} is unreadable ({e}); the checkpoint is damaged.") from None
+    if marker.get("format") != FORMAT:
+        raise CheckpointError(f"{d}: checkpoint format {marker.get('format')!r}, this dsjax reads {FORMAT!r}.")
+    if not (d / _ORBAX_METADATA).exists():
+        raise CheckpointError(f"{d}: the Orbax metadata ({_ORBAX_METADATA}) is missing; the checkpoint is damaged.")
+    return marker
+
+
+def stored_shapes(ckpt_dir: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """name -> (shape, dtype) of every array in the checkpoint, from Orbax's metadata (no data read)."""
+    meta = ocp.PyTreeCheckpointer().metadata(epath.Path(os.path.abspath(os.fspath(ckpt_dir))))
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    out = {}
+    for path, m in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        out[leaf_name([k.key for k in path])] = (tuple(m.shape), np.dtype(m.dtype))
+    return out
+
+
+def restore(ckpt_dir: str | os.PathLike, abstract: Any) -> Any:
+    """Restore arrays straight into the shardings and dtypes of `abstract` (jax.ShapeDtypeStruct leaves).
+
+    Orbax reads, on every host, only the chunks that overlap that host's shards.
+    """
+    d = epath.Path(os.path.abspath(os.fspath(ckpt_dir)))
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    return ocp.PyTreeCheckpointer().restore(d, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
+
+
+def open_array(ckpt_dir: str | os.PathLike, name: str) -> ts.TensorStore:
+    """The tensorstore array `name` of a checkpoint, for reading slices without restoring a whole leaf."""
+    d = epath.Path(os.path.abspath(os.fspath(ckpt_dir)))
+    meta = json.loads((d / _ORBAX_METADATA).read_text())
+    use_ocdbt = bool(meta.get("use_ocdbt", True))
+    info = ocp.type_handlers.ParamInfo(name=name, parent_dir=d, is_ocdbt_checkpoint=use_ocdbt,
+                                       use_zarr3=bool(meta.get("use_zarr3", False)))
+    spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
+    return ts.open(ts.Spec(spec), open=True, read=True, context=ocp.type_handlers.get_ts_context()).result()
