@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from checkpoints import orbax_io
-from checkpoints.hf_names import SCALE_SUFFIX, get_spec, hf_shape, hf_table, row_block_slices, to_hf
+from checkpoints.hf_names import SCALE_SUFFIX, fp8_quantization_config, get_spec, hf_shape, hf_table, row_block_slices, to_hf, transpose
 from checkpoints.restore import config_from_marker
 from checkpoints.safetensors_io import CheckpointError, SafetensorsWriter
 from dsjax import fp8
@@ -119,10 +119,10 @@ def _fp8_entries(name: str, leaf: str, idx: tuple[int, ...], shape: tuple[int, .
     if keep_fp8:
         def q_blocks():
             for r in _row_ranges(n_out, n_in, 1, block_bytes, b):
-                yield np.ascontiguousarray(arrays.read(q, idx + (full if r is None else (slice(None), slice(*r)))).T)
+                yield transpose(arrays.read(q, idx + (full if r is None else (slice(None), slice(*r)))))
 
         def s_blocks():
-            yield np.ascontiguousarray(arrays.read(s, idx + full).T)
+            yield transpose(arrays.read(s, idx + full))
 
         s_shape = (-(-n_out // b), -(-n_in // b))
         return [_Entry(name, np.dtype(fp8.E4M3), shape, q_blocks),
@@ -131,9 +131,9 @@ def _fp8_entries(name: str, leaf: str, idx: tuple[int, ...], shape: tuple[int, .
     def blocks():
         for r in _row_ranges(n_out, n_in, 4, block_bytes, b):
             cols, scols = (slice(None), slice(None)) if r is None else (slice(*r), slice(r[0] // b, -(-r[1] // b)))
-            w = fp8.dequantize_weight_np(arrays.read(q, idx + (slice(None), cols)),
+            w = fp8.dequantize_weight_host(arrays.read(q, idx + (slice(None), cols)),
                                          arrays.read(s, idx + (slice(None), scols)), b)
-            yield np.ascontiguousarray(w.T).astype(big, copy=False)
+            yield transpose(w.astype(big, copy=False))
 
     return [_Entry(name, big, shape, blocks)]
 
@@ -155,8 +155,7 @@ def hf_config(config: Config, dtype: np.dtype, fp8_block: int | None) -> dict[st
     d = config.to_hf()
     d["dtype"] = dtype.name
     if fp8_block:
-        d["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                    "weight_block_size": [fp8_block, fp8_block]}
+        d["quantization_config"] = fp8_quantization_config(fp8_block)
     return d
 
 

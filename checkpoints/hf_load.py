@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from checkpoints.hf_names import SCALE_SUFFIX, Target, block_shape, get_spec, hf_shape, hf_table, to_dsjax
+from checkpoints.hf_names import SCALE_SUFFIX, Target, block_shape, get_spec, hf_shape, hf_table, to_dsjax, transpose
 from checkpoints.safetensors_io import CheckpointError, CheckpointReader
 from dsjax import fp8
 from dsjax.config import Config
@@ -111,8 +111,8 @@ def read_matrix(reader: CheckpointReader, name: str, t: Target, spec: ParamSpec,
         s = read_scale(reader, name, config, rows)
         if keep_fp8:
             # Stored 2-D [in, out] so the transposed block grid still indexes it; see layers.weight.
-            return {"qweight": np.ascontiguousarray(a.T), "scale": np.ascontiguousarray(s.T)}
-        a = fp8.dequantize_weight_np(a, s, blk)
+            return {"qweight": transpose(a), "scale": transpose(s)}
+        a = fp8.dequantize_weight_host(a, s, blk, dtype)
     if a.dtype != dtype:  # through fp32: exact for every source dtype, one rounding to `dtype`
         a = a.astype(np.float32, copy=False).astype(dtype, copy=False)
     return to_dsjax(a, t, block_shape(spec, t, rows))
