@@ -53,6 +53,11 @@ def _stack_index(t: Target) -> tuple[int, ...]:
     return tuple(i for i in (t.layer, t.expert) if i is not None)
 
 
+def _block_key(name: str, idx: tuple[int, ...], rows: tuple[int, int] | None) -> str:
+    """Journal key of a block, e.g. "moe.moe.experts.gate[3,17]" or "lm_head[][0:4096]" (no spaces)."""
+    return f"{name}[{','.join(map(str, idx))}]" + ("" if rows is None else f"[{rows[0]}:{rows[1]}]")
+
+
 def _row_blocks(rows: int, cols: int, bytes_per_elem: int, block_bytes: int, align: int
                 ) -> list[tuple[int, int] | None]:
     """Row ranges of at most ~block_bytes each (aligned to `align`), or [None] for one whole block."""
@@ -90,7 +95,7 @@ def _plain_leaf(reader: CheckpointReader, leaf: _Leaf, config: Config, dtype: np
         for rows in blocks_rows:
             out = block_shape(spec, t, rows)
             blocks.append(orbax_io.Block(
-                key=f"{name}{list(idx)}{'' if rows is None else list(rows)}",
+                key=_block_key(name, idx, rows),
                 index=idx + row_block_slices(spec, t, rows),
                 produce=lambda n=hf_name, t=t, r=rows: read_matrix(reader, n, t, spec, config, dtype, rows=r),
                 out_bytes=math.prod(out) * dtype.itemsize))
@@ -115,14 +120,13 @@ def _fp8_leaf(reader: CheckpointReader, leaf: _Leaf, config: Config, block_bytes
         idx = _stack_index(t)
         for rows in rows_list:
             nr = n_out if rows is None else rows[1] - rows[0]
-            key = f"{list(idx)}{'' if rows is None else list(rows)}"
             q_blocks.append(orbax_io.Block(
-                key=f"{name}.qweight{key}", index=idx + qb(rows),
+                key=_block_key(name + ".qweight", idx, rows), index=idx + qb(rows),
                 produce=lambda n=hf_name, r=rows: transpose(reader.read(n, r)),
                 out_bytes=nr * n_in))
             ns = -(-n_in // blk) * -(-nr // blk)
             s_blocks.append(orbax_io.Block(
-                key=f"{name}.scale{key}", index=idx + sb(rows),
+                key=_block_key(name + ".scale", idx, rows), index=idx + sb(rows),
                 produce=lambda n=hf_name, r=rows: transpose(read_scale(reader, n, config, r)),
                 out_bytes=4 * ns))
     one = (1,) * len(stack)

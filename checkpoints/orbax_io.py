@@ -46,7 +46,7 @@ MARKER = "dsjax_checkpoint.json"
 ASSETS = "hf_assets"
 PARTIAL = ".partial"  # O.partial: the directory a writer fills before renaming it to O
 _STATE = "dsjax_write_state.json"  # in O.partial: what is being written (a rerun resumes only the same job)
-_JOURNAL = "dsjax_write_journal.txt"  # in O.partial: keys of committed blocks, one per line
+JOURNAL = "dsjax_write_journal.txt"  # in O.partial: keys of committed blocks, one per line
 _ORBAX_METADATA = "_METADATA"
 
 
@@ -66,7 +66,7 @@ def tree_paths(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
 class Block:
     """One write of a streamed array: `produce()` returns the data for `array[index]`."""
 
-    key: str  # unique within the checkpoint; journaled once committed
+    key: str  # unique within the checkpoint, one line of text; journaled once committed
     index: tuple[Any, ...]  # ints (stacked layer / expert) and slices
     produce: Callable[[], np.ndarray]
     out_bytes: int  # bytes of the produced block
@@ -202,7 +202,7 @@ def _check_target(out: epath.Path, overwrite: bool) -> None:
 
 def _commit(part: epath.Path, out: epath.Path, marker: Mapping[str, Any], overwrite: bool) -> None:
     """Marker last, then rename O.partial -> O (replacing an old O only now that the new one is whole)."""
-    for name in (_STATE, _JOURNAL):
+    for name in (_STATE, JOURNAL):
         if (part / name).exists():
             (part / name).unlink()
     _write_json(part / MARKER, dict(marker))
@@ -234,7 +234,7 @@ def _open_partial(out: epath.Path, state: Mapping[str, Any]) -> tuple[epath.Path
             except (OSError, json.JSONDecodeError):
                 prev = None
         if prev == dict(state):
-            done = set((part / _JOURNAL).read_text().split()) if (part / _JOURNAL).exists() else set()
+            done = set((part / JOURNAL).read_text().splitlines()) if (part / JOURNAL).exists() else set()
             log.info("resuming the interrupted write in %s (%d blocks already committed)", part, len(done))
             return part, done
         if contents and _STATE not in contents:
@@ -262,7 +262,7 @@ def write_streamed(out_dir: str | os.PathLike, tree: Any, marker: Mapping[str, A
     _check_target(out, overwrite)
     part, done = _open_partial(out, state)
     if "*complete*" not in done:
-        with open(part / _JOURNAL, "a") as journal:
+        with open(part / JOURNAL, "a") as journal:
             handler = StreamedArrayHandler(done=done, journal=journal, threads=threads,
                                            inflight_bytes=inflight_bytes, chunk_bytes=chunk_bytes,
                                            progress=progress)
