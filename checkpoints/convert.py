@@ -243,10 +243,12 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: Any
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags
+    from absl import flags, logging as absl_logging
 
     del argv
     f = flags.FLAGS
+    if not f["verbosity"].present:  # Orbax logs every step at INFO; keep the CLI to warnings and the bar
+        absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         convert(f.hf_dir, f.out_dir, dtype=f.dtype, keep_fp8=f.keep_fp8, overwrite=f.overwrite,
                 threads=f.threads, inflight_mb=f.inflight_mb, chunk_mb=f.chunk_mb, compress=f.compress)

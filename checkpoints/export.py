@@ -56,11 +56,14 @@ class _Arrays:
     """Stored arrays of a checkpoint, opened on first use."""
 
     def __init__(self, ckpt_dir: str):
+        import orbax.checkpoint as ocp
+
         self.dir, self._open = ckpt_dir, {}
+        self._context = ocp.type_handlers.get_ts_context()
 
     def __call__(self, name: str):
         if name not in self._open:
-            self._open[name] = orbax_io.open_array(self.dir, name)
+            self._open[name] = orbax_io.open_array(self.dir, name, self._context)
         return self._open[name]
 
     def read(self, name: str, index: tuple[Any, ...]) -> np.ndarray:
@@ -215,17 +218,17 @@ def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: st
     with open(os.path.join(part, "config.json"), "w") as f:
         json.dump(hf_config(config, main_dtype, marker.get("fp8_block") if kept else None), f, indent=2)
     os.unlink(os.path.join(part, _OURS))
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.rename(part, out)
+    orbax_io.move_into_place(part, out)
     return paths
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags
+    from absl import flags, logging as absl_logging
 
     del argv
     f = flags.FLAGS
+    if not f["verbosity"].present:  # Orbax logs every step at INFO; keep the CLI to warnings and the bar
+        absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         paths = export(f.ckpt_dir, f.out_dir, dtype=f.dtype, keep_fp8=f.keep_fp8, max_shard_mb=f.max_shard_mb,
                        overwrite=f.overwrite)

@@ -206,10 +206,16 @@ def _commit(part: epath.Path, out: epath.Path, marker: Mapping[str, Any], overwr
         if (part / name).exists():
             (part / name).unlink()
     _write_json(part / MARKER, dict(marker))
+    _check_target(out, overwrite)
+    move_into_place(part, out)
+
+
+def move_into_place(part: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Rename the finished directory `part` to `out`; an existing `out` is only removed afterwards."""
+    part, out = epath.Path(part), epath.Path(out)
     _fsync_dir(part)
     old = None
     if out.exists():
-        _check_target(out, overwrite)
         old = out.parent / (out.name + ".replaced")
         if old.exists():
             shutil.rmtree(old)
@@ -235,12 +241,12 @@ def _open_partial(out: epath.Path, state: Mapping[str, Any]) -> tuple[epath.Path
                 prev = None
         if prev == dict(state):
             done = set((part / JOURNAL).read_text().splitlines()) if (part / JOURNAL).exists() else set()
-            log.info("resuming the interrupted write in %s (%d blocks already committed)", part, len(done))
+            log.warning("resuming the interrupted write in %s (%d blocks already committed)", part, len(done))
             return part, done
         if contents and _STATE not in contents:
             raise CheckpointError(f"{part} exists but was not created by dsjax (no {_STATE}); move it away "
                                   "or delete it, then rerun.")
-        log.info("%s holds an interrupted write of a different job; starting over", part)
+        log.warning("%s holds an interrupted write of a different job; starting over", part)
         shutil.rmtree(part)
     part.mkdir(parents=True)
     _write_json(part / _STATE, dict(state))
@@ -266,7 +272,8 @@ def write_streamed(out_dir: str | os.PathLike, tree: Any, marker: Mapping[str, A
             handler = StreamedArrayHandler(done=done, journal=journal, threads=threads,
                                            inflight_bytes=inflight_bytes, chunk_bytes=chunk_bytes,
                                            progress=progress)
-            registry = ocp.type_handlers.create_type_handler_registry((StreamedArray, handler))
+            registry = ocp.type_handlers.create_type_handler_registry(
+                (StreamedArray, handler), (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
             h = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=compress)
             h.save(part, args=ocp.args.PyTreeSave(tree))
             h.finalize(part)
@@ -353,12 +360,16 @@ def restore(ckpt_dir: str | os.PathLike, abstract: Any) -> Any:
     return ocp.PyTreeCheckpointer().restore(d, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
 
 
-def open_array(ckpt_dir: str | os.PathLike, name: str) -> ts.TensorStore:
-    """The tensorstore array `name` of a checkpoint, for reading slices without restoring a whole leaf."""
+def open_array(ckpt_dir: str | os.PathLike, name: str, context: ts.Context | None = None) -> ts.TensorStore:
+    """The tensorstore array `name` of a checkpoint, for reading slices without restoring a whole leaf.
+
+    Share one `context` (`ocp.type_handlers.get_ts_context()`) across the arrays of a checkpoint.
+    """
     d = epath.Path(os.path.abspath(os.fspath(ckpt_dir)))
     meta = json.loads((d / _ORBAX_METADATA).read_text())
     use_ocdbt = bool(meta.get("use_ocdbt", True))
+    context = context or ocp.type_handlers.get_ts_context()
     info = ocp.type_handlers.ParamInfo(name=name, parent_dir=d, is_ocdbt_checkpoint=use_ocdbt,
-                                       use_zarr3=bool(meta.get("use_zarr3", False)))
+                                       use_zarr3=bool(meta.get("use_zarr3", False)), ts_context=context)
     spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
-    return ts.open(ts.Spec(spec), open=True, read=True, context=ocp.type_handlers.get_ts_context()).result()
+    return ts.open(ts.Spec(spec), open=True, read=True, context=context).result()

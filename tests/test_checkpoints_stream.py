@@ -51,7 +51,7 @@ def test_2gb_conversion_bounded_rss_killed_and_resumed(tmp_path):
     with pytest.raises(checkpoints.CheckpointError, match="interrupted"):
         checkpoints.load(out)
 
-    status, rss = _run(cmd + ["--verbosity=0"], journal=journal)
+    status, rss = _run(cmd, journal=journal)
     log = (tmp_path / "stderr.txt").read_text()
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, log[-3000:]
     assert f"({committed} blocks already committed)" in log, log[-3000:]
