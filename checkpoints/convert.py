@@ -28,7 +28,8 @@ import numpy as np
 
 from checkpoints import orbax_io
 from checkpoints.hf_load import check_checkpoint, read_config, read_matrix, read_scale
-from checkpoints.hf_names import Target, block_shape, get_spec, hf_shape, leaf_paths, matrix_shape, row_block_slices, transpose
+from checkpoints.hf_names import (Target, block_shape, get_spec, hf_shape, leaf_paths, matrix_shape,
+                                  row_block_slices, row_blocks, transpose)
 from checkpoints.safetensors_io import CheckpointError, CheckpointReader
 from dsjax import fp8
 from dsjax.config import Config
@@ -58,15 +59,6 @@ def _block_key(name: str, idx: tuple[int, ...], rows: tuple[int, int] | None) ->
     return f"{name}[{','.join(map(str, idx))}]" + ("" if rows is None else f"[{rows[0]}:{rows[1]}]")
 
 
-def _row_blocks(rows: int, cols: int, bytes_per_elem: int, block_bytes: int, align: int
-                ) -> list[tuple[int, int] | None]:
-    """Row ranges of at most ~block_bytes each (aligned to `align`), or [None] for one whole block."""
-    if rows * cols * bytes_per_elem <= block_bytes:
-        return [None]
-    rb = max(align, (block_bytes // (cols * bytes_per_elem)) // align * align)
-    return [(r, min(rows, r + rb)) for r in range(0, rows, rb)]
-
-
 def _mem_per_elem(src: np.dtype, dst: np.dtype, dequantise: bool) -> int:
     """Peak host bytes per element while producing and writing a block (read, fp32 temps, output, copy)."""
     if dequantise:
@@ -86,7 +78,7 @@ def _plain_leaf(reader: CheckpointReader, leaf: _Leaf, config: Config, dtype: np
     hs = hf_shape(spec, t0)
     blocks_rows: list[tuple[int, int] | None] = [None]
     if len(hs) == 2 and row_block_slices(spec, t0, (0, 1)) is not None:
-        blocks_rows = _row_blocks(hs[0], hs[1], per, block_bytes, config.fp8_weight_block or fp8.BLOCK)
+        blocks_rows = row_blocks(hs[0], hs[1], per, block_bytes, config.fp8_weight_block or fp8.BLOCK)
     write_shape = (1,) * nstack + block_shape(spec, t0, blocks_rows[0])
     name = orbax_io.leaf_name(leaf.path)
     blocks = []
@@ -110,7 +102,7 @@ def _fp8_leaf(reader: CheckpointReader, leaf: _Leaf, config: Config, block_bytes
     m = matrix_shape(spec, t0)
     stack = spec.shape[: len(spec.shape) - len(m)]
     n_out, n_in = hf_shape(spec, t0)  # HF [out, in]
-    rows_list = _row_blocks(n_out, n_in, 1 + 4, block_bytes, blk)
+    rows_list = row_blocks(n_out, n_in, 1 + 4, block_bytes, blk)
     rb = n_out if rows_list[0] is None else rows_list[0][1]
     sb = lambda r: (slice(None), slice(None)) if r is None else (slice(None), slice(r[0] // blk, -(-r[1] // blk)))
     qb = lambda r: (slice(None), slice(None)) if r is None else (slice(None), slice(*r))
@@ -142,7 +134,7 @@ def _same_tensor(reader: CheckpointReader, a: str, b: str, block_bytes: int) -> 
     if reader.shape(a) != reader.shape(b) or reader.dtype(a) != reader.dtype(b):
         return False
     shape = reader.shape(a)
-    rows = _row_blocks(shape[0], math.prod(shape[1:]), 2 * reader.dtype(a).itemsize, block_bytes, 1)
+    rows = row_blocks(shape[0], math.prod(shape[1:]), 2 * reader.dtype(a).itemsize, block_bytes, 1)
     return all(np.array_equal(reader.read(a, r), reader.read(b, r)) for r in rows)
 
 
@@ -207,7 +199,7 @@ def _assets(hf_dir: str) -> list[str]:
 
 def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: Any = "bfloat16", keep_fp8: bool = False,
             overwrite: bool = False, threads: int = 2, inflight_mb: int = 512, chunk_mb: int = 8,
-            compress: bool = True, progress: bool = True) -> Config:
+            compress: bool = True, block_bytes: int | None = None, progress: bool = True) -> Config:
     """Convert a HF DeepSeek V3 / V3.2 checkpoint directory into a dsjax Orbax checkpoint at `out_dir`.
 
     dtype: storage dtype of the large matrices (norms, router, bias and indexer weights stay fp32).
@@ -215,6 +207,7 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: Any
     overwrite: replace an existing `out_dir` once the new checkpoint is complete.
     threads / inflight_mb / chunk_mb: reader threads, in-flight memory budget, zarr chunk target size.
     compress: zstd-compress the chunks (Orbax's default; ~3x slower writes on few cores, ~10% smaller).
+    block_bytes: largest block a big 2-D tensor is read in (default inflight/4).
     Returns the model Config. Raises CheckpointError (one message listing every problem) on bad input.
     """
     hf_dir = os.path.abspath(os.fspath(hf_dir))
@@ -227,7 +220,7 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: Any
     except ValueError as e:
         raise CheckpointError(f"{hf_dir}/config.json: {e}") from None
     inflight = inflight_mb << 20
-    block_bytes = max(1 << 20, inflight // 4)
+    block_bytes = block_bytes or max(1 << 20, inflight // 4)
     tree, marker = plan(reader, config, keep_fp8=keep_fp8, block_bytes=block_bytes)
     if keep_fp8 and not marker["fp8_leaves"]:
         orbax_io.log.warning("--keep_fp8: %s holds no FP8 weights; nothing to keep", hf_dir)

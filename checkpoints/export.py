@@ -28,7 +28,8 @@ from typing import Any, Callable
 import numpy as np
 
 from checkpoints import orbax_io
-from checkpoints.hf_names import SCALE_SUFFIX, fp8_quantization_config, get_spec, hf_shape, hf_table, row_block_slices, to_hf, transpose
+from checkpoints.hf_names import (SCALE_SUFFIX, fp8_quantization_config, get_spec, hf_shape, hf_table,
+                                  row_block_slices, row_blocks, to_hf, transpose)
 from checkpoints.restore import config_from_marker
 from checkpoints.safetensors_io import CheckpointError, SafetensorsWriter
 from dsjax import fp8
@@ -70,13 +71,6 @@ class _Arrays:
         return np.asarray(self(name)[index].read().result())
 
 
-def _row_ranges(rows: int, cols: int, itemsize: int, block_bytes: int, align: int) -> list[tuple[int, int] | None]:
-    if rows * cols * itemsize <= block_bytes:
-        return [None]
-    rb = max(align, (block_bytes // (cols * itemsize)) // align * align)
-    return [(r, min(rows, r + rb)) for r in range(0, rows, rb)]
-
-
 def _entries(config: Config, marker: dict[str, Any], arrays: _Arrays, dtype: str | None, keep_fp8: bool,
              block_bytes: int) -> list[_Entry]:
     specs = param_specs(config)
@@ -101,7 +95,7 @@ def _entries(config: Config, marker: dict[str, Any], arrays: _Arrays, dtype: str
             dt = big
         rows = [None]
         if len(shape) == 2 and row_block_slices(spec, t, (0, 1)) is not None:
-            rows = _row_ranges(shape[0], shape[1], 4, block_bytes, 1)
+            rows = row_blocks(shape[0], shape[1], 4, block_bytes, 1)
 
         def blocks(leaf=leaf, idx=idx, t=t, spec=spec, dt=dt, rows=rows):
             for r in rows:
@@ -121,7 +115,7 @@ def _fp8_entries(name: str, leaf: str, idx: tuple[int, ...], shape: tuple[int, .
     full = (slice(None), slice(None))
     if keep_fp8:
         def q_blocks():
-            for r in _row_ranges(n_out, n_in, 1, block_bytes, b):
+            for r in row_blocks(n_out, n_in, 1, block_bytes, b):
                 yield transpose(arrays.read(q, idx + (full if r is None else (slice(None), slice(*r)))))
 
         def s_blocks():
@@ -132,7 +126,7 @@ def _fp8_entries(name: str, leaf: str, idx: tuple[int, ...], shape: tuple[int, .
                 _Entry(name + SCALE_SUFFIX, np.dtype(np.float32), s_shape, s_blocks)]
 
     def blocks():
-        for r in _row_ranges(n_out, n_in, 4, block_bytes, b):
+        for r in row_blocks(n_out, n_in, 4, block_bytes, b):
             cols, scols = (slice(None), slice(None)) if r is None else (slice(*r), slice(r[0] // b, -(-r[1] // b)))
             w = fp8.dequantize_weight_host(arrays.read(q, idx + (slice(None), cols)),
                                          arrays.read(s, idx + (slice(None), scols)), b)
@@ -163,12 +157,13 @@ def hf_config(config: Config, dtype: np.dtype, fp8_block: int | None) -> dict[st
 
 
 def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str | None = None,
-           keep_fp8: bool = False, max_shard_mb: int = 4096, overwrite: bool = False, progress: bool = True
-           ) -> list[str]:
+           keep_fp8: bool = False, max_shard_mb: int = 4096, overwrite: bool = False, block_bytes: int = 64 << 20,
+           progress: bool = True) -> list[str]:
     """Write a dsjax checkpoint as a HF checkpoint directory; returns the safetensors paths written.
 
     dtype: the large matrices' dtype (default: each tensor's source dtype, as recorded at conversion).
     keep_fp8: write FP8 leaves as e4m3 + weight_scale_inv (default: dequantise them).
+    block_bytes: largest block a big 2-D tensor is read and written in.
     """
     from tqdm.auto import tqdm
 
@@ -188,7 +183,7 @@ def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: st
 
     arrays = _Arrays(ckpt_dir)
     kept = keep_fp8 and bool(marker.get("fp8_leaves"))
-    entries = _entries(config, marker, arrays, dtype, keep_fp8, block_bytes=64 << 20)
+    entries = _entries(config, marker, arrays, dtype, keep_fp8, block_bytes)
     shards = _shards(entries, max_shard_mb << 20)
     n = len(shards)
     weight_map, paths = {}, []

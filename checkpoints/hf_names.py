@@ -191,6 +191,16 @@ def row_block_slices(spec: ParamSpec, t: Target, rows: tuple[int, int] | None) -
     return None
 
 
+def row_blocks(rows: int, cols: int, bytes_per_elem: int, block_bytes: int, align: int = 1
+               ) -> list[tuple[int, int] | None]:
+    """Split a [rows, cols] HF tensor into row ranges of at most ~block_bytes (starts aligned to `align`,
+    e.g. the FP8 scale block), or [None]: one block, the whole tensor."""
+    if rows * cols * bytes_per_elem <= block_bytes:
+        return [None]
+    rb = max(align, (block_bytes // (cols * bytes_per_elem)) // align * align)
+    return [(r, min(rows, r + rb)) for r in range(0, rows, rb)]
+
+
 def block_shape(spec: ParamSpec, t: Target, rows: tuple[int, int] | None) -> tuple[int, ...]:
     """Logical shape of the dsjax matrix block holding HF rows [r0, r1) (the whole matrix if rows is None)."""
     m = matrix_shape(spec, t)

@@ -175,8 +175,9 @@ class SafetensorsWriter:
     """Writes one .safetensors file tensor by tensor, so only one tensor is in memory at a time.
 
     The header is planned up front from `entries` [(name, dtype, shape)]; `write` must then be called
-    for each entry in that order, with the whole tensor or with consecutive blocks of its leading rows. The file appears at `path` only after `close()` (temp file in the same
-    folder, fsync, rename); an exception inside the `with` block removes the temp file.
+    for each entry in that order, with the whole tensor or with consecutive blocks of its leading rows.
+    The file appears at `path` only after `close()` (temp file in the same folder, fsync, rename); an
+    exception inside the `with` block removes the temp file.
     """
 
     def __init__(self, path: str | os.PathLike, entries: Iterable[tuple[str, np.dtype, tuple[int, ...]]],
