@@ -145,7 +145,10 @@ class StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
                     committing = asyncio.ensure_future(self._commit(txn, [b for _, b in batch], bar))
                 if committing is not None:
                     await committing
+                    committing = None
         finally:
+            if committing is not None:  # a block failed: let the previous batch finish committing
+                await asyncio.gather(committing, return_exceptions=True)
             bar.close()
 
     async def _commit(self, txn: ts.Transaction, blocks: list[Block], bar: Any) -> None:
@@ -159,9 +162,9 @@ class StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
 def _batches(todo: list[tuple[Any, Block]], limit: int) -> list[list[tuple[Any, Block]]]:
     """Consecutive blocks grouped into batches of at most `limit` output bytes (big blocks alone)."""
     out: list[list[tuple[Any, Block]]] = []
-    size = limit
+    size = 0
     for item in todo:
-        if size + item[1].out_bytes > limit:
+        if not out or size + item[1].out_bytes > limit:
             out.append([])
             size = 0
         out[-1].append(item)

@@ -153,7 +153,8 @@ def save(ckpt_dir: str | os.PathLike, params: Any, config: Config, *, overwrite:
     `python -m checkpoints.export` read. Atomic: the directory appears only once complete.
     """
     fp8_leaves, hf_dtypes = [], {}
-    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, Mapping) and "qweight" in x)[0]
+    is_pair = lambda x: isinstance(x, Mapping) and "qweight" in x  # noqa: E731
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_pair)[0]
     for path, v in flat:
         name = orbax_io.leaf_name([k.key for k in path])
         if isinstance(v, Mapping):
@@ -166,6 +167,12 @@ def save(ckpt_dir: str | os.PathLike, params: Any, config: Config, *, overwrite:
             or [x.shape for x in jax.tree.leaves(params)] != [x.shape for x in jax.tree.leaves(expected)]):
         raise CheckpointError("params do not match param_specs(config) (tree or shapes differ); "
                               "save the params of this config.")
+    bad = [f"{orbax_io.leaf_name([k.key for k in p])}: {x.dtype}, config says {y.dtype}"
+           for (p, x), y in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(expected))
+           if x.dtype != y.dtype]
+    if bad:
+        raise CheckpointError(f"params dtypes differ from the config's ({len(bad)}), e.g. {bad[:3]}; save with "
+                              "config.replace(param_dtype=...) matching the params, or cast them first.")
     marker = {"format": orbax_io.FORMAT, "hf_config": config.to_hf(), "param_dtype": config.param_dtype,
               "fp8_leaves": fp8_leaves, "fp8_block": fp8.BLOCK if fp8_leaves else None, "hf_dtypes": hf_dtypes,
               "written_by": "checkpoints.save"}

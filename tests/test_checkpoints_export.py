@@ -102,3 +102,6 @@ def test_save_then_export(hf_v3, tmp_path):
     _assert_identical(src, tmp_path / "hf")
     with pytest.raises(checkpoints.CheckpointError, match="do not match"):
         checkpoints.save(tmp_path / "other", {"embed": params["embed"]}, cfg)
+    with pytest.raises(checkpoints.CheckpointError, match="dtypes differ"):
+        checkpoints.save(tmp_path / "other", params, cfg.replace(param_dtype="bfloat16"))
+    assert not (tmp_path / "other").exists()
