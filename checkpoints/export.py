@@ -17,13 +17,16 @@ Like convert, the output appears at H only once complete (written in H.partial, 
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
 import os
 import shutil
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -41,12 +44,12 @@ _OURS = ".dsjax_export_partial"  # marks H.partial as ours (safe to delete when 
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
-    """One HF tensor to write: name, dtype, shape and a function yielding its row blocks in order."""
+    """One HF tensor to write: name, dtype, shape and the functions producing its row blocks, in order."""
 
     name: str
     dtype: np.dtype
     shape: tuple[int, ...]
-    blocks: Callable[[], Any]
+    blocks: list[Callable[[], np.ndarray]]
 
     @property
     def nbytes(self) -> int:
@@ -97,12 +100,11 @@ def _entries(config: Config, marker: dict[str, Any], arrays: _Arrays, dtype: str
         if len(shape) == 2 and row_block_slices(spec, t, (0, 1)) is not None:
             rows = row_blocks(shape[0], shape[1], 4, block_bytes, 1)
 
-        def blocks(leaf=leaf, idx=idx, t=t, spec=spec, dt=dt, rows=rows):
-            for r in rows:
-                a = arrays.read(leaf, idx + row_block_slices(spec, t, r))
-                yield to_hf(a, t).astype(np.float32, copy=False).astype(dt, copy=False)
+        def block(r, leaf=leaf, idx=idx, t=t, spec=spec, dt=dt):
+            h = to_hf(arrays.read(leaf, idx + row_block_slices(spec, t, r)), t)
+            return h if h.dtype == dt else h.astype(np.float32, copy=False).astype(dt)
 
-        out.append(_Entry(name, dt, shape, blocks))
+        out.append(_Entry(name, dt, shape, [functools.partial(block, r) for r in rows]))
     return out
 
 
@@ -113,26 +115,42 @@ def _fp8_entries(name: str, leaf: str, idx: tuple[int, ...], shape: tuple[int, .
     n_out, n_in = shape
     q, s = leaf + ".qweight", leaf + ".scale"
     full = (slice(None), slice(None))
+
+    def cols(r):  # HF rows [r0, r1) are columns of the stored [in, out] matrix, and of its scale grid
+        return full if r is None else (slice(None), slice(*r))
+
+    def scols(r):
+        return full if r is None else (slice(None), slice(r[0] // b, -(-r[1] // b)))
+
+    def qweight(r):
+        return transpose(arrays.read(q, idx + cols(r)))
+
+    def scale():
+        return transpose(arrays.read(s, idx + full))
+
+    def dequantised(r):
+        return transpose(fp8.dequantize_weight_host(arrays.read(q, idx + cols(r)), arrays.read(s, idx + scols(r)),
+                                                    b, big))
+
     if keep_fp8:
-        def q_blocks():
-            for r in row_blocks(n_out, n_in, 1, block_bytes, b):
-                yield transpose(arrays.read(q, idx + (full if r is None else (slice(None), slice(*r)))))
-
-        def s_blocks():
-            yield transpose(arrays.read(s, idx + full))
-
         s_shape = (-(-n_out // b), -(-n_in // b))
-        return [_Entry(name, np.dtype(fp8.E4M3), shape, q_blocks),
-                _Entry(name + SCALE_SUFFIX, np.dtype(np.float32), s_shape, s_blocks)]
+        q_rows = row_blocks(n_out, n_in, 1, block_bytes, b)
+        return [_Entry(name, np.dtype(fp8.E4M3), shape, [functools.partial(qweight, r) for r in q_rows]),
+                _Entry(name + SCALE_SUFFIX, np.dtype(np.float32), s_shape, [scale])]
+    rows = row_blocks(n_out, n_in, 4, block_bytes, b)
+    return [_Entry(name, big, shape, [functools.partial(dequantised, r) for r in rows])]
 
-    def blocks():
-        for r in row_blocks(n_out, n_in, 4, block_bytes, b):
-            cols, scols = (slice(None), slice(None)) if r is None else (slice(*r), slice(r[0] // b, -(-r[1] // b)))
-            w = fp8.dequantize_weight_host(arrays.read(q, idx + (slice(None), cols)),
-                                         arrays.read(s, idx + (slice(None), scols)), b)
-            yield transpose(w.astype(big, copy=False))
 
-    return [_Entry(name, big, shape, blocks)]
+def _prefetched(thunks: Iterable[Callable[[], np.ndarray]], pool: concurrent.futures.Executor, depth: int
+                ) -> Iterator[np.ndarray]:
+    """The thunks' results in order, computing up to `depth` ahead (tensorstore reads overlap writing)."""
+    queue: collections.deque = collections.deque()
+    for fn in thunks:
+        queue.append(pool.submit(fn))
+        if len(queue) > depth:
+            yield queue.popleft().result()
+    while queue:
+        yield queue.popleft().result()
 
 
 def _shards(entries: list[_Entry], max_shard_bytes: int) -> list[list[_Entry]]:
@@ -158,12 +176,13 @@ def hf_config(config: Config, dtype: np.dtype, fp8_block: int | None) -> dict[st
 
 def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str | None = None,
            keep_fp8: bool = False, max_shard_mb: int = 4096, overwrite: bool = False, block_bytes: int = 64 << 20,
-           progress: bool = True) -> list[str]:
+           threads: int = 2, progress: bool = True) -> list[str]:
     """Write a dsjax checkpoint as a HF checkpoint directory; returns the safetensors paths written.
 
     dtype: the large matrices' dtype (default: each tensor's source dtype, as recorded at conversion).
     keep_fp8: write FP8 leaves as e4m3 + weight_scale_inv (default: dequantise them).
-    block_bytes: largest block a big 2-D tensor is read and written in.
+    block_bytes: largest block a big 2-D tensor is read and written in; threads: blocks read ahead in
+    parallel (host memory ~ 2 * threads * block_bytes).
     """
     from tqdm.auto import tqdm
 
@@ -189,15 +208,16 @@ def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: st
     weight_map, paths = {}, []
     bar = tqdm(total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, desc="export", disable=not progress,
                mininterval=1.0)
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        with SafetensorsWriter(os.path.join(part, fname), [(e.name, e.dtype, e.shape) for e in shard]) as w:
-            for e in shard:
-                for block in e.blocks():
-                    w.write(e.name, block)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            names = [e.name for e in shard for _ in e.blocks]
+            with SafetensorsWriter(os.path.join(part, fname), [(e.name, e.dtype, e.shape) for e in shard]) as w:
+                for name, block in zip(names, _prefetched((f for e in shard for f in e.blocks), pool, 2 * threads)):
+                    w.write(name, block)
                     bar.update(block.nbytes)
-                weight_map[e.name] = fname
-        paths.append(os.path.join(out, fname))
+            weight_map.update({e.name: fname for e in shard})
+            paths.append(os.path.join(out, fname))
     bar.close()
     index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
     with open(os.path.join(part, "model.safetensors.index.json"), "w") as f:
@@ -226,7 +246,7 @@ def main(argv: list[str]) -> None:
         absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         paths = export(f.ckpt_dir, f.out_dir, dtype=f.dtype, keep_fp8=f.keep_fp8, max_shard_mb=f.max_shard_mb,
-                       overwrite=f.overwrite)
+                       overwrite=f.overwrite, threads=f.threads)
     except CheckpointError as e:
         print(f"checkpoints.export: {e}", file=sys.stderr)
         sys.exit(1)
@@ -243,4 +263,5 @@ if __name__ == "__main__":
     flags.DEFINE_bool("keep_fp8", False, "Write FP8 leaves as e4m3 + weight_scale_inv (official layout).")
     flags.DEFINE_integer("max_shard_mb", 4096, "Largest safetensors shard.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing --out_dir.")
+    flags.DEFINE_integer("threads", 2, "Blocks read ahead in parallel.")
     app.run(main)
