@@ -8,9 +8,11 @@ bytes in many small experts; BF16, or e4m3 + block scales with --fp8) is written
   raw read (dsjax)        every tensor read once with checkpoints' pread reader
   raw read (safetensors)  the peer: safetensors.safe_open(framework="pt") reading every tensor
   convert (streamed)      checkpoints.convert.convert in a fresh process (import time excluded)
+  export (streamed)       checkpoints.export.export of that checkpoint back to HF safetensors
   convert (eager, peer)   what an eager converter does: load all tensors, transpose, one Orbax save
 
-Each row: GB of source read, seconds, GB/s, the ratio to the dsjax raw read, and the process' peak RSS.
+Each row: seconds, GB/s of the source checkpoint's size, the ratio to the dsjax raw read, and the
+process' peak RSS.
 The files were just written, so reads come from the page cache: the ratios show conversion overhead,
 not disk speed.
 """
@@ -50,6 +52,10 @@ if args["mode"] == "stream":
     t = time.perf_counter()
     convert.convert(args["src"], args["out"], dtype="bfloat16", keep_fp8=args["keep_fp8"], threads=args["threads"],
                     inflight_mb=args["inflight_mb"], compress=args["compress"], progress=False)
+elif args["mode"] == "export":  # src: the streamed conversion's output
+    from checkpoints import export
+    t = time.perf_counter()
+    export.export(args["src"], args["out"], keep_fp8=args["keep_fp8"], threads=args["threads"], progress=False)
 else:  # eager peer: the whole model in host memory, then one Orbax save
     import numpy as np, orbax.checkpoint as ocp, torch
     from safetensors import safe_open
@@ -115,14 +121,19 @@ def main(argv):
         n, ours, peer = _raw_reads(src)
         gb = n / 1e9
         rows = [("raw read (dsjax pread)", ours, None), ("raw read (safetensors, peer)", peer, None)]
-        for mode, label in [("stream", "convert (streamed, dsjax)"), ("eager", "convert (eager load + save, peer)")]:
+        ckpt = os.path.join(work, "out_stream")
+        for mode, label, inp in [("stream", "convert (streamed, dsjax)", src),
+                                 ("export", "export back to HF (streamed, dsjax)", ckpt),
+                                 ("eager", "convert (eager load + save, peer)", src)]:
             if mode == "eager" and FLAGS.skip_eager:
                 continue
             out = os.path.join(work, f"out_{mode}")
             shutil.rmtree(out, ignore_errors=True)
-            r = _child(mode, src, out)
+            r = _child(mode, inp, out)
             rows.append((label, r["seconds"], r["rss"]))
-            shutil.rmtree(out, ignore_errors=True)
+            if mode != "stream":
+                shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(ckpt, ignore_errors=True)
         kind = "FP8 (e4m3 + scales)" if FLAGS.fp8 else "BF16"
         how = "kept FP8" if FLAGS.keep_fp8 and FLAGS.fp8 else "bf16"
         print(f"\nsource: {gb:.2f} GB {kind}, {len(os.listdir(src)) - 2} shards; output {how}, "

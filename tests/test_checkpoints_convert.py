@@ -159,7 +159,20 @@ def test_bad_checkpoints_fail_with_every_key_listed(fp8_model, tmp_path):
 def test_load_rejects_incomplete_foreign_and_mismatched(hf_v3, tmp_path):
     _, src = hf_v3
     ckpt = tmp_path / "ckpt"
+    part = orbax_io.partial_dir(ckpt)
+    part.mkdir()
+    (part / "notes.txt").write_text("someone else's")
+    with pytest.raises(checkpoints.CheckpointError, match="not created by dsjax"):
+        convert.convert(src, ckpt, progress=False)
+    assert (part / "notes.txt").exists()  # never deleted
+    (part / "notes.txt").unlink()
+    # the leftovers of an interrupted job with other options are discarded, not resumed
+    (part / "dsjax_write_state.json").write_text('{"job": "convert", "dtype": "bfloat16"}')
+    (part / orbax_io.JOURNAL).write_text("embed[]\n")
     convert.convert(src, ckpt, dtype="float32", progress=False)
+    assert not part.exists()
+    np.testing.assert_array_equal(np.asarray(checkpoints.load(ckpt)[1]["embed"]),
+                                  C.read_all(src)["model.embed_tokens.weight"])
     with pytest.raises(checkpoints.CheckpointError, match="already exists"):
         convert.convert(src, ckpt, progress=False)
     convert.convert(src, ckpt, dtype="bfloat16", overwrite=True, progress=False)
