@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 from typing import Any
 
 import numpy as np
@@ -236,19 +235,19 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: Any
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags, logging as absl_logging
+    from absl import flags
+
+    from checkpoints import cli
 
     del argv
     f = flags.FLAGS
-    if not f["verbosity"].present:  # Orbax logs every step at INFO; keep the CLI to warnings and the bar
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
-        convert(f.hf_dir, f.out_dir, dtype=f.dtype, keep_fp8=f.keep_fp8, overwrite=f.overwrite,
-                threads=f.threads, inflight_mb=f.inflight_mb, chunk_mb=f.chunk_mb, compress=f.compress)
-    except CheckpointError as e:
-        print(f"checkpoints.convert: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"wrote {os.path.abspath(f.out_dir)}")
+
+    def job() -> str:
+        convert(f.hf_dir, f.out_dir, dtype=f.dtype, keep_fp8=f.keep_fp8, overwrite=f.overwrite, threads=f.threads,
+                inflight_mb=f.inflight_mb, chunk_mb=f.chunk_mb, compress=f.compress)
+        return f"wrote {os.path.abspath(f.out_dir)}"
+
+    cli.run("convert", job)
 
 
 def _define_flags() -> None:

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import shutil
-import sys
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -238,19 +237,19 @@ def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: st
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags, logging as absl_logging
+    from absl import flags
+
+    from checkpoints import cli
 
     del argv
     f = flags.FLAGS
-    if not f["verbosity"].present:  # Orbax logs every step at INFO; keep the CLI to warnings and the bar
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
+
+    def job() -> str:
         paths = export(f.ckpt_dir, f.out_dir, dtype=f.dtype, keep_fp8=f.keep_fp8, max_shard_mb=f.max_shard_mb,
                        overwrite=f.overwrite, threads=f.threads)
-    except CheckpointError as e:
-        print(f"checkpoints.export: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"wrote {len(paths)} shards to {os.path.abspath(f.out_dir)}")
+        return f"wrote {len(paths)} shards to {os.path.abspath(f.out_dir)}"
+
+    cli.run("export", job)
 
 
 if __name__ == "__main__":
