@@ -2,6 +2,7 @@
 the model size, and a conversion killed with SIGKILL leaves nothing loadable and resumes on rerun."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,9 +34,17 @@ def _run(cmd, kill_after_lines=None, journal=None):
     return status, usage.ru_maxrss * 1024
 
 
+@pytest.fixture
+def big_tmp(tmp_path):
+    """tmp_path, emptied afterwards: pytest keeps recent temp dirs, and these hold 4 GB."""
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_2gb_conversion_bounded_rss_killed_and_resumed(tmp_path):
-    cfg = synthetic.wide_config(num_hidden_layers=6)  # 2.1 GB of BF16 in 1.7k tensors, 5 MoE layers
+def test_2gb_conversion_bounded_rss_killed_and_resumed(big_tmp):
+    tmp_path = big_tmp
+    cfg = synthetic.wide_config(num_hidden_layers=6)  # 2.1 GB of BF16 in 2k tensors, 5 MoE layers
     src = tmp_path / "hf"
     size = synthetic.write(src, cfg)
     assert size >= 2e9
