@@ -24,7 +24,8 @@ def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, se
 
     Args:
       data, fsdp, expert, tensor, sequence: axis sizes; their product must equal the number of devices.
-      devices: the devices to use (default: all of `jax.devices()`, every process's in multi-host runs).
+      devices: the devices, in mesh order (default: all of `jax.devices()`, every process's in multi-host
+        runs, laid out by `jax.make_mesh` for the physical topology).
       config: optional model config; when given, `check_mesh` verifies the model can be split.
     Raises:
       ValueError (one message) when a size is not a positive integer, the product does not match the
@@ -34,15 +35,16 @@ def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, se
     for name, n in sizes.items():
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise ValueError(f"make_mesh: {name}={n!r} must be a positive integer.")
+    given = devices is not None
     devices = list(jax.devices() if devices is None else devices)
     shape = tuple(int(sizes[a]) for a in MESH_AXES)
     if math.prod(shape) != len(devices):
         used = " x ".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "all axes 1"
         raise ValueError(f"make_mesh: {used} needs {math.prod(shape)} devices, but {len(devices)} are given; "
                          f"choose axis sizes whose product is {len(devices)}.")
-    if len(devices) == len(jax.devices()) and set(devices) == set(jax.devices()):
-        mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
-    else:  # a subset (e.g. a test's slice of the host devices): keep the given order
+    if not given:
+        mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    else:
         mesh = Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES,
                     axis_types=(AxisType.Auto,) * len(MESH_AXES))
     if config is not None:

@@ -52,6 +52,8 @@ def _fp8_shardings(spec: ParamSpec, leaf: Mapping[str, Any], mesh: Mesh, block: 
         n = spec_size(PartitionSpec(*pspec), mesh, len(qshape) + d)
         if n > 1 and qshape[d] % (n * block):
             pspec[d] = None
+    while pspec and pspec[-1] is None:
+        pspec.pop()
     s = NamedSharding(mesh, PartitionSpec(*pspec))
     return {"qweight": s, "scale": s}
 
