@@ -94,9 +94,8 @@ def _run_experts(rows, ids, w, config: Config, e_loc: int, tp: int, dtype):
     return jnp.zeros_like(y, dtype).at[order].set(y.astype(dtype))
 
 
-def _dispatch_local(x, ids, combine, experts, *, config: Config, ep: int, tp: int, impl: str,
-                    split: dict[str, bool]):
-    """Per-device body: x [n, D], ids [n, k] (-1 = padding token), combine [n, k] -> f32 [n, D]."""
+def _exchange(x, ids, combine, w, *, config: Config, ep: int, tp: int, impl: str):
+    """One chunk on one device: x [n, D], ids [n, k] (-1 = padding token), combine [n, k] -> f32 [n, D]."""
     n, k = ids.shape
     d = x.shape[1]
     e_loc = config.n_routed_experts // ep
@@ -111,7 +110,6 @@ def _dispatch_local(x, ids, combine, experts, *, config: Config, ep: int, tp: in
     starts_ext = jnp.cumsum(counts_ext) - counts_ext
     rank = jnp.zeros(m, jnp.int32).at[order].set(jnp.arange(m, dtype=jnp.int32) - starts_ext[dst[order]])
     tok = jnp.arange(m) // k
-    w = _local_weights(experts, x.dtype, tp, split)
     if impl == "padded":
         send = jnp.zeros((ep, cap, d), x.dtype).at[dst, rank].set(x[tok], mode="drop")
         send_id = jnp.full((ep, cap), e_loc, jnp.int32).at[dst, rank].set(lid, mode="drop")
@@ -141,6 +139,22 @@ def _dispatch_local(x, ids, combine, experts, *, config: Config, ep: int, tp: in
     return jnp.einsum("nkd,nk->nd", slots.reshape(n, k, d).astype(jnp.float32), combine)
 
 
+def _dispatch_local(x, ids, combine, experts, *, config: Config, ep: int, tp: int, impl: str,
+                    split: dict[str, bool], chunk: int):
+    """Per-device body: the local tokens in chunks of `chunk` (bounded worst-case buffers), each chunk
+    rematerialised in the backward pass so only one chunk's buffers are alive at a time."""
+    w = _local_weights(experts, x.dtype, tp, split)
+    run = functools.partial(_exchange, config=config, ep=ep, tp=tp, impl=impl)
+    n = x.shape[0]
+    if n <= chunk:
+        return run(x, ids, combine, w)
+    nc = n // chunk  # the caller pads n to a multiple of chunk
+    xs = tuple(a.reshape((nc, chunk) + a.shape[1:]) for a in (x, ids, combine))
+    step = jax.checkpoint(lambda w, x, i, c: run(x, i, c, w))
+    _, out = jax.lax.scan(lambda _, a: (None, step(w, *a)), None, xs)
+    return out.reshape(n, -1)
+
+
 def _expert_specs(experts: Mapping[str, Any], mesh: Mesh, block: int):
     """in_specs of the per-layer expert leaves, and whether each one's F dim is split by them."""
     specs, split = {}, {}
@@ -158,8 +172,23 @@ def _expert_specs(experts: Mapping[str, Any], mesh: Mesh, block: int):
     return specs, split
 
 
-def make_dispatch(mesh: Mesh, impl: str | None = None) -> Callable[..., jax.Array]:
-    """A `dsjax.moe.dispatch` replacement that runs expert-parallel on `mesh` (installed by sharding.parallel)."""
+DEFAULT_BUFFER_BYTES = 1 << 29  # worst-case receive buffer per exchange and device (512 MiB)
+
+
+def chunk_tokens(config: Config, ep: int, itemsize: int, buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> int:
+    """Local tokens per exchange so that the worst-case receive buffer [ep * chunk * min(k, E/ep), D]
+    fits `buffer_bytes` (at least 1)."""
+    per_token = ep * min(config.num_experts_per_tok, config.n_routed_experts // ep) * config.hidden_size * itemsize
+    return max(1, buffer_bytes // per_token)
+
+
+def make_dispatch(mesh: Mesh, impl: str | None = None,
+                  buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> Callable[..., jax.Array]:
+    """A `dsjax.moe.dispatch` replacement that runs expert-parallel on `mesh` (installed by sharding.parallel).
+
+    impl: "ragged" | "padded" | "emulated" (default by backend); buffer_bytes bounds the worst-case
+    receive buffer: a device's tokens go through the exchange in chunks that fit it.
+    """
     impl = impl or default_impl()
     if impl not in IMPLS:
         raise ValueError(f"expert-parallel impl={impl!r}: expected one of {IMPLS}.")
@@ -169,14 +198,21 @@ def make_dispatch(mesh: Mesh, impl: str | None = None) -> Callable[..., jax.Arra
         n, d = x.shape
         tok_spec = logical_to_spec(("act_tokens", None), mesh)
         shards = spec_size(tok_spec, mesh, 0)
-        pad = -n % shards  # padding tokens route nowhere (id -1) and are cut off below
+        local = -(-n // shards)
+        chunk = chunk_tokens(config, ep, x.dtype.itemsize, buffer_bytes)
+        if local > chunk:  # even chunks: ceil(local / chunk) of them
+            chunk = -(-local // -(-local // chunk))
+        else:
+            chunk = local
+        pad = -n % (shards * chunk)  # padding tokens route nowhere (id -1) and are cut off below
         ids, comb = r.experts, r.weights
         if pad:
             x = jnp.pad(x, ((0, pad), (0, 0)))
             ids = jnp.pad(ids, ((0, pad), (0, 0)), constant_values=-1)
             comb = jnp.pad(comb, ((0, pad), (0, 0)))
         specs, split = _expert_specs(experts, mesh, config.fp8_weight_block or fp8.BLOCK)
-        body = functools.partial(_dispatch_local, config=config, ep=ep, tp=tp, impl=impl, split=split)
+        body = functools.partial(_dispatch_local, config=config, ep=ep, tp=tp, impl=impl, split=split,
+                                 chunk=chunk)
         out = jax.shard_map(body, mesh=mesh, in_specs=(tok_spec, tok_spec, tok_spec, specs),
                             out_specs=tok_spec, check_vma=False)(x, ids, comb, dict(experts))
         return out[:n]

@@ -26,20 +26,22 @@ from dsjax import attention, model
 from dsjax import moe as moe_lib
 from dsjax.config import Config
 from sharding.context_parallel import SEQUENCE_AXIS, make_attend, zigzag_order
-from sharding.expert_parallel import make_dispatch
+from sharding.expert_parallel import DEFAULT_BUFFER_BYTES, make_dispatch
 from sharding.mesh import axis_size, check_mesh
 from sharding.placement import put, shard_params
 from sharding.rules import LOGITS_AXES, TOKEN_AXES, logical_to_sharding
 
 
 @contextlib.contextmanager
-def parallel(mesh: Mesh, *, key_order: np.ndarray | None = None, ep_impl: str | None = None) -> Iterator[None]:
+def parallel(mesh: Mesh, *, key_order: np.ndarray | None = None, ep_impl: str | None = None,
+             ep_buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> Iterator[None]:
     """While tracing inside this context, MoE layers run expert-parallel and attention context-parallel.
 
     key_order: set when the tokens were permuted by `context_parallel.zigzag_order` (see forward_with_aux).
     ep_impl: "ragged" | "padded" | "emulated" (default: by backend, see expert_parallel).
+    ep_buffer_bytes: bound on the expert all-to-all's worst-case receive buffer (tokens go in chunks).
     """
-    t1 = moe_lib.DISPATCH_HOOK.set(make_dispatch(mesh, ep_impl))
+    t1 = moe_lib.DISPATCH_HOOK.set(make_dispatch(mesh, ep_impl, ep_buffer_bytes))
     t2 = attention.ATTEND_HOOK.set(make_attend(mesh, key_order))
     try:
         yield

@@ -139,3 +139,13 @@ def test_fp8_leaves_split_like_their_matrix_on_whole_scale_blocks():
         "scale": jax.ShapeDtypeStruct(e.shape[:2] + (e.shape[2] // 128, e.shape[3] // 128), np.float32)}
     s = sharding.param_shardings(V32, amesh(tensor=32, expert=8), like=like)["moe"]["moe"]["experts"]["gate"]
     assert s["qweight"].spec == P(None, "expert")
+
+
+def test_expert_exchange_chunks_fit_the_buffer_bound():
+    from sharding.expert_parallel import chunk_tokens
+
+    # worst case per token: ep x min(k, E/ep) rows of D values
+    assert chunk_tokens(TINY, 4, 4, 16 << 10) == 16384 // (4 * 2 * 128 * 4)
+    per_token = 64 * 4 * 7168 * 2  # 671B on expert=64, bf16: 3.67 MB of worst-case buffer per token
+    assert chunk_tokens(V32, 64, 2, 1 << 29) == (1 << 29) // per_token
+    assert chunk_tokens(V32, 64, 2, 1) == 1
