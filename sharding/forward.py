@@ -58,7 +58,7 @@ def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh) -> jax.Array
 def forward_with_aux(params: Any, tokens: jax.Array, config: Config, mesh: Mesh, *,
                      positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
                      remat: str | None = None, ep_impl: str | None = None,
-                     zigzag: bool = True) -> tuple[jax.Array, model.Aux]:
+                     ep_buffer_bytes: int = DEFAULT_BUFFER_BYTES, zigzag: bool = True) -> tuple[jax.Array, model.Aux]:
     """`dsjax.forward_with_aux` on `mesh` (traceable; call it inside jit / grad).
 
     tokens, positions, segment_ids: int32 [B, L] in natural order. With `sequence` > 1 (and L a multiple
@@ -74,7 +74,7 @@ def forward_with_aux(params: Any, tokens: jax.Array, config: Config, mesh: Mesh,
     tokens, positions = constrain(tokens, TOKEN_AXES, mesh), constrain(positions, TOKEN_AXES, mesh)
     if segment_ids is not None:
         segment_ids = constrain(segment_ids, TOKEN_AXES, mesh)
-    with parallel(mesh, key_order=order, ep_impl=ep_impl):
+    with parallel(mesh, key_order=order, ep_impl=ep_impl, ep_buffer_bytes=ep_buffer_bytes):
         logits, aux = model.forward_with_aux(params, tokens, config, positions=positions,
                                              segment_ids=segment_ids, remat=remat)
     if order is not None:

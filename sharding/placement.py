@@ -11,7 +11,6 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dsjax import fp8
 from dsjax.config import Config
 from dsjax.params import ParamSpec, param_specs
 from sharding.mesh import check_mesh
@@ -43,19 +42,19 @@ def fp8_matrix_axes(spec: ParamSpec, qshape: Sequence[int]) -> tuple[tuple[str |
             tuple(shape[:lead]) + (shape[lead], shape[lead + n_in]))
 
 
-def _fp8_shardings(spec: ParamSpec, leaf: Mapping[str, Any], mesh: Mesh, block: int) -> dict[str, NamedSharding]:
-    qshape = tuple(leaf["qweight"].shape)
+def _fp8_shardings(spec: ParamSpec, leaf: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
+    """qweight split like its matrix; the scale grid the same way where it divides, else kept whole.
+
+    Shards need not hold whole 128-blocks: XLA partitions the dequantisation (scale expansion, multiply)
+    like any elementwise op. Expert parallelism re-splits its expert leaves on whole blocks itself.
+    """
+    qshape, sshape = tuple(leaf["qweight"].shape), tuple(leaf["scale"].shape)
     axes, sizes = fp8_matrix_axes(spec, qshape)
-    pspec = list(logical_to_spec(axes, mesh, sizes))
-    pspec += [None] * (len(qshape) - len(pspec))
-    for d in (-2, -1):  # a shard must hold whole scale blocks, else keep that dimension whole
-        n = spec_size(PartitionSpec(*pspec), mesh, len(qshape) + d)
-        if n > 1 and qshape[d] % (n * block):
-            pspec[d] = None
-    while pspec and pspec[-1] is None:
-        pspec.pop()
-    s = NamedSharding(mesh, PartitionSpec(*pspec))
-    return {"qweight": s, "scale": s}
+    q = logical_to_spec(axes, mesh, sizes)
+    sc = [e if sshape[d] % spec_size(q, mesh, d) == 0 else None for d, e in enumerate(q)]
+    while sc and sc[-1] is None:
+        sc.pop()
+    return {"qweight": NamedSharding(mesh, q), "scale": NamedSharding(mesh, PartitionSpec(*sc))}
 
 
 def param_shardings(config: Config, mesh: Mesh, like: Any = None) -> Any:
@@ -66,11 +65,10 @@ def param_shardings(config: Config, mesh: Mesh, like: Any = None) -> Any:
     """
     check_mesh(config, mesh)
     specs = param_specs(config)
-    block = config.fp8_weight_block or fp8.BLOCK
 
     def one(spec: ParamSpec, leaf: Any = None):
         if leaf is not None and _is_fp8(leaf):
-            return _fp8_shardings(spec, leaf, mesh, block)
+            return _fp8_shardings(spec, leaf, mesh)
         return NamedSharding(mesh, logical_to_spec(spec.axes, mesh, spec.shape))
 
     if like is None:

@@ -21,8 +21,9 @@ fewer axes or to replication instead of failing. The splits that the model canno
 `expert`, heads and hidden sizes over `tensor`) are checked up front by `mesh.check_mesh`.
 
 Why these rules:
-  * Weights: the large axes go to `fsdp` *and* to the batch-like axes `sequence`/`expert` (non-expert
-    weights are otherwise replicated 64x on an expert=64 mesh); heads / mlp / vocab go to `tensor`.
+  * Weights: the hidden size D and the MLA latent ranks (q_lora 1536, kv_lora 512) go to `fsdp` *and* to
+    the batch-like axes `sequence`/`expert` (non-expert weights would otherwise be replicated 64x on an
+    expert=64 mesh: wq_b / wkv_b alone are 6.6 GB in bf16); heads / mlp / vocab go to `tensor`.
   * Routed experts [E, D, F]: E over `expert`, D over `fsdp`, F over `tensor`.
   * Indexer heads are not split over `tensor`: the index score sums over heads before the top-k, so a
     split would all-reduce a [T, S] score per layer; its weights are small (0.85B over 61 layers).
@@ -48,13 +49,13 @@ RULES: dict[str, Rule] = {
     "vocab": ("tensor",),
     "embed": ("fsdp", "sequence", "expert"),
     "mtp_concat": ("fsdp", "sequence", "expert"),
-    "q_lora": (),
+    "q_lora": ("fsdp", "sequence", "expert"),
     "heads": ("tensor",),
     "qk_head": (),
     "kv_head": (),
     "v_head": (),
     "kv_lora_rope": (),
-    "kv_lora": (),
+    "kv_lora": ("fsdp", "sequence", "expert"),
     "index_heads": (),
     "index_head": (),
     "mlp": ("tensor",),

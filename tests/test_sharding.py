@@ -119,7 +119,7 @@ def test_cache_shardings_split_batch_and_length():
         assert s.spec == P(None, ("data", "expert"), "sequence")
 
 
-def test_fp8_leaves_split_like_their_matrix_on_whole_scale_blocks():
+def test_fp8_leaves_split_like_their_matrix_scales_where_they_divide():
     spec = dsjax.param_specs(V32)["moe"]["attn"]["wo"]  # [L, H, dv, D] stored as qweight [L, H*dv, D]
     l, h, dv, d = spec.shape
     leaf = {"qweight": jax.ShapeDtypeStruct((l, h * dv, d), np.dtype("float8_e4m3fn")),
@@ -129,16 +129,16 @@ def test_fp8_leaves_split_like_their_matrix_on_whole_scale_blocks():
     like["moe"]["attn"]["wo"] = leaf
     s = sharding.param_shardings(V32, amesh(tensor=8, fsdp=4), like=like)["moe"]["attn"]["wo"]
     assert s["qweight"].spec == P(None, "tensor", "fsdp") and s["scale"].spec == s["qweight"].spec
-    # tensor=128 would leave 128 rows (one head) per shard, 128 = one block: still whole blocks
-    s = sharding.param_shardings(V32, amesh(tensor=128), like=like)["moe"]["attn"]["wo"]
-    assert s["qweight"].spec == P(None, "tensor")
-    # experts' F = 2048 over tensor=32 is 64 rows: not whole 128-blocks, so F stays whole
-    e = dsjax.param_specs(V32)["moe"]["moe"]["experts"]["gate"]
+    # D = 7168 over expert=16 is 448 columns: qweight still split; the 56-column scale grid is not (56 % 16)
+    s = sharding.param_shardings(V32, amesh(expert=16), like=like)["moe"]["attn"]["wo"]
+    assert s["qweight"].spec == P(None, None, "expert") and s["scale"].spec == P()
+    e = dsjax.param_specs(V32)["moe"]["moe"]["experts"]["gate"]  # [L, E, D, F]
     like["moe"]["moe"]["experts"]["gate"] = {
         "qweight": jax.ShapeDtypeStruct(e.shape, np.dtype("float8_e4m3fn")),
         "scale": jax.ShapeDtypeStruct(e.shape[:2] + (e.shape[2] // 128, e.shape[3] // 128), np.float32)}
     s = sharding.param_shardings(V32, amesh(tensor=32, expert=8), like=like)["moe"]["moe"]["experts"]["gate"]
-    assert s["qweight"].spec == P(None, "expert")
+    assert s["qweight"].spec == P(None, "expert", None, "tensor")
+    assert s["scale"].spec == P(None, "expert")  # 16 scale columns over tensor=32: whole
 
 
 def test_expert_exchange_chunks_fit_the_buffer_bound():

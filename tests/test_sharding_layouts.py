@@ -26,16 +26,16 @@ FULL = {"embed": [512, 128], "wq_a": [2, 128, 64], "wq_b": [2, 64, 4, 48], "wo":
         "lm_head": [128, 512]}
 EXPECTED = {
     "data8": (dict(FULL), str(P("data"))),  # pure data parallel: params replicated
-    "fsdp8": ({"embed": [512, 16], "wq_a": [2, 16, 64], "wq_b": [2, 64, 4, 48], "wo": [2, 4, 32, 16],
+    "fsdp8": ({"embed": [512, 16], "wq_a": [2, 16, 64], "wq_b": [2, 8, 4, 48], "wo": [2, 4, 32, 16],
                "experts_gate": [2, 8, 16, 64], "experts_down": [2, 8, 64, 16], "router": [2, 16, 8],
                "lm_head": [16, 512]}, str(P("fsdp"))),
-    "expert4_tensor2": ({"embed": [256, 32], "wq_a": [2, 32, 64], "wq_b": [2, 64, 2, 48], "wo": [2, 2, 32, 32],
+    "expert4_tensor2": ({"embed": [256, 32], "wq_a": [2, 32, 64], "wq_b": [2, 16, 2, 48], "wo": [2, 2, 32, 32],
                          "experts_gate": [2, 2, 128, 32], "experts_down": [2, 2, 32, 128], "router": [2, 32, 8],
                          "lm_head": [32, 256]}, str(P("expert", None, "tensor"))),
-    "sequence4_expert2": ({"embed": [512, 16], "wq_a": [2, 16, 64], "wq_b": [2, 64, 4, 48], "wo": [2, 4, 32, 16],
+    "sequence4_expert2": ({"embed": [512, 16], "wq_a": [2, 16, 64], "wq_b": [2, 8, 4, 48], "wo": [2, 4, 32, 16],
                            "experts_gate": [2, 4, 128, 64], "experts_down": [2, 4, 64, 128], "router": [2, 16, 8],
                            "lm_head": [16, 512]}, str(P("expert", "sequence"))),
-    "data2_sequence2_expert2": ({"embed": [512, 32], "wq_a": [2, 32, 64], "wq_b": [2, 64, 4, 48],
+    "data2_sequence2_expert2": ({"embed": [512, 32], "wq_a": [2, 32, 64], "wq_b": [2, 16, 4, 48],
                                  "wo": [2, 4, 32, 32], "experts_gate": [2, 4, 128, 64],
                                  "experts_down": [2, 4, 64, 128], "router": [2, 32, 8], "lm_head": [32, 512]},
                                 str(P(("data", "expert"), "sequence"))),
@@ -80,9 +80,10 @@ def test_params_are_really_split(report, layout):
 def test_fp8_weights_through_public_forward(report):
     r = report["fp8"]
     assert r["qweight_dtype"] == "float8_e4m3fn"
-    # tiny matrices are smaller than one 128-block: only the experts axis is split
-    assert r["qweight_spec"] == str(P(None, "expert")) == r["scale_spec"]
-    assert r["qweight_shard"] == [2, 2, 128, 64]
+    # F = 64 split over tensor=2; its scale grid (one 128-block) stays whole
+    assert r["qweight_spec"] == str(P(None, "expert", None, "tensor"))
+    assert r["scale_spec"] == str(P(None, "expert"))
+    assert r["qweight_shard"] == [2, 2, 128, 32]
     assert r["logits_err"] <= 1e-5 * max(1.0, r["max_logit"])
 
 
