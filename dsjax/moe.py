@@ -124,9 +124,10 @@ def dispatch(x: jax.Array, r: Routing, experts: Mapping[str, Any], config: Confi
     return jnp.einsum("nkd,nk->nd", y.reshape(n, k, d).astype(jnp.float32), r.weights)
 
 
-# Set by `sharding` while it traces a forward pass on a mesh: a function with `dispatch`'s signature
-# that runs the routed experts expert-parallel (shard_map + all-to-all). None: local `dispatch`.
-DISPATCH_HOOK: contextvars.ContextVar[Callable[..., jax.Array] | None] = contextvars.ContextVar(
+# Set by `sharding` while it traces a forward pass on a mesh: hook(x [N, D], p, config) -> (routed output
+# f32 [N, D], Routing) runs `route` and the experts per device (expert parallelism: shard_map +
+# all-to-all). None: local `route` + `dispatch`.
+DISPATCH_HOOK: contextvars.ContextVar[Callable[..., tuple[jax.Array, Routing]] | None] = contextvars.ContextVar(
     "dsjax_moe_dispatch_hook", default=None)
 
 
@@ -141,8 +142,12 @@ def moe(p: Mapping[str, Any], x: jax.Array, config: Config) -> tuple[jax.Array, 
     """Shared expert + routed experts. x: [B, T, D] -> ([B, T, D], stats)."""
     b, t, d = x.shape
     xf = x.reshape(b * t, d)
-    r = route(xf, p["router"], p["bias"], config)
-    y = (DISPATCH_HOOK.get() or dispatch)(xf, r, p["experts"], config)
+    hook = DISPATCH_HOOK.get()
+    if hook is not None:
+        y, r = hook(xf, p, config)
+    else:
+        r = route(xf, p["router"], p["bias"], config)
+        y = dispatch(xf, r, p["experts"], config)
     if "shared" in p:
         y = y + swiglu(xf, p["shared"]).astype(jnp.float32)
     e = config.n_routed_experts

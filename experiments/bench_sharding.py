@@ -12,18 +12,22 @@ Table 2 (one attention layer, mesh sequence=sp, one sequence of `cp_len` tokens)
   * dsjax CP: all-gather of the compressed per-token state (latent 512 + rope 64 + indexer key 128);
   * naive: all-gather the hidden activations [T, 7168] before the attention projections.
 Weights other than the routed experts are replicated here, so every collective in the HLO belongs to the
-strategy. Per op kind, "bytes" is the per-device result buffer of the collective in the compiled (SPMD,
-per-device) HLO; "moved" multiplies by (n-1)/n (the part that crosses devices; 2(n-1)/n for all-reduce).
+strategy. Per op kind, "bytes" is the per-device result buffer of the collective in the HLO right after XLA's SPMD
+partitioner (per-device program, model dtypes; read from an XLA dump): later XLA:CPU passes run bf16
+collectives in f32, which TPU/GPU do not, so the final CPU HLO would show twice the bytes. "moved" multiplies by (n-1)/n (the part that crosses devices; 2(n-1)/n for all-reduce).
 Nothing is allocated: inputs are abstract (jax.ShapeDtypeStruct). Forward pass only; the backward pass
 mirrors it (all-to-all back, reduce-scatter for an all-gather).
 """
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,6 +76,17 @@ def collectives(hlo: str, n_default: int) -> dict[str, tuple[int, int, float]]:
         c[1] += b
         c[2] += moved
     return {k: tuple(v) for k, v in out.items()}
+
+
+_DUMP = tempfile.mkdtemp(prefix="bench_sharding_hlo_")
+
+
+def partitioned_hlo(compiled) -> str:
+    """The per-device HLO right after SPMD partitioning of the latest compile (from the XLA dump)."""
+    files = glob.glob(os.path.join(_DUMP, "*after_spmd-partitioning*.txt"))
+    if not files:  # dumping unavailable: fall back to the final CPU HLO (bf16 collectives shown as f32)
+        return compiled.as_text()
+    return open(max(files, key=os.path.getmtime)).read()
 
 
 def _layer_params(config, which: str, mesh):
@@ -127,12 +142,12 @@ def ep_table(config, ep: int, tokens: int):
 
     rows = []
     for name, fn, compile_it in (("dsjax EP, padded all-to-all (CPU)", ours("padded"), True),
-                                 ("dsjax EP, ragged all-to-all (TPU/GPU)", ours("ragged"), False),
+                                 ("dsjax EP, ragged a2a (TPU/GPU; moved: analytic)", ours("ragged"), False),
                                  ("naive: replicate experts (all-gather weights)", replicate_experts, True)):
         t0 = time.time()
         lowered = jax.jit(fn, in_shardings=(p_shards, x_sh), out_shardings=x_sh).lower(p_shapes, x)
         if compile_it:
-            rows.append((name, collectives(lowered.compile().as_text(), ep), time.time() - t0))
+            rows.append((name, collectives(partitioned_hlo(lowered.compile()), ep), time.time() - t0))
         else:
             rows.append((name, _ragged_from_lowered(lowered.as_text(), config, ep, tokens), time.time() - t0))
     return rows, mesh
@@ -190,7 +205,7 @@ def cp_table(config, sp: int, length: int):
                      ("naive: all-gather hidden activations", gather_activations)):
         t0 = time.time()
         compiled = jax.jit(fn, in_shardings=(p_shards, x_sh), out_shardings=x_sh).lower(p_shapes, x).compile()
-        rows.append((name, collectives(compiled.as_text(), sp), time.time() - t0))
+        rows.append((name, collectives(partitioned_hlo(compiled), sp), time.time() - t0))
     return rows, mesh
 
 
@@ -214,7 +229,8 @@ def _print(title: str, rows, base: str):
 def main(argv):
     del argv
     n = max(FLAGS.ep, FLAGS.sp)
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+                               f" --xla_dump_to={_DUMP} --xla_dump_hlo_pass_re=spmd-partitioning")
     import dsjax
 
     cfg = dsjax.Config.preset(FLAGS.config)
@@ -225,6 +241,7 @@ def main(argv):
            rows[1][0])
     rows, _ = cp_table(cfg, FLAGS.sp, FLAGS.cp_len)
     _print(f"Table 2: one attention layer, sequence={FLAGS.sp}, 1 x {FLAGS.cp_len} tokens (bf16)", rows, rows[0][0])
+    shutil.rmtree(_DUMP, ignore_errors=True)
 
 
 if __name__ == "__main__":

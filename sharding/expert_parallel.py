@@ -3,7 +3,9 @@
 Each device holds E/ep routed experts (F split over `tensor`) and its own slice of the tokens (split over
 data, fsdp, expert and sequence: `rules.RULES["act_tokens"]`). Per MoE layer, on every device:
 
-  1. the n local tokens' n·k (token, expert) slots are sorted by the shard that owns their expert;
+  1. the n local tokens are routed (`dsjax.moe.route`, per token, so local: letting XLA partition it would
+     all-gather every token's [E] scores for the top-k) and their n·k (token, expert) slots are sorted by
+     the shard that owns their expert;
   2. an all-to-all over `expert` sends every slot's hidden row to its expert's shard;
   3. the shard runs its experts as one grouped matmul (`dsjax.moe.experts_ffn`) over the received rows,
      sums the F-split partial products over `tensor` (psum, in fp32) and rounds once;
@@ -37,7 +39,7 @@ from jax.sharding import Mesh, PartitionSpec
 from dsjax import fp8
 from dsjax.config import Config
 from dsjax.layers import weight
-from dsjax.moe import Routing, experts_ffn
+from dsjax.moe import Routing, experts_ffn, route
 from sharding.mesh import axis_size
 from sharding.rules import RULES, logical_to_spec, spec_size
 
@@ -139,20 +141,23 @@ def _exchange(x, ids, combine, w, *, config: Config, ep: int, tp: int, impl: str
     return jnp.einsum("nkd,nk->nd", slots.reshape(n, k, d).astype(jnp.float32), combine)
 
 
-def _dispatch_local(x, ids, combine, experts, *, config: Config, ep: int, tp: int, impl: str,
+def _dispatch_local(x, valid, router, bias, experts, *, config: Config, ep: int, tp: int, impl: str,
                     split: dict[str, bool], chunk: int):
-    """Per-device body: the local tokens in chunks of `chunk` (bounded worst-case buffers), each chunk
-    rematerialised in the backward pass so only one chunk's buffers are alive at a time."""
+    """Per-device body: route the local tokens (padding rows route nowhere), then run them through the
+    exchange in chunks of `chunk` (bounded worst-case buffers), each chunk rematerialised in the backward
+    pass so only one chunk's buffers are alive at a time. Returns (f32 [n, D], Routing)."""
+    r = route(x, router, bias, config)
+    ids, combine = jnp.where(valid[:, None], r.experts, -1), r.weights
     w = _local_weights(experts, x.dtype, tp, split)
     run = functools.partial(_exchange, config=config, ep=ep, tp=tp, impl=impl)
     n = x.shape[0]
     if n <= chunk:
-        return run(x, ids, combine, w)
+        return run(x, ids, combine, w), r
     nc = n // chunk  # the caller pads n to a multiple of chunk
     xs = tuple(a.reshape((nc, chunk) + a.shape[1:]) for a in (x, ids, combine))
     step = jax.checkpoint(lambda w, x, i, c: run(x, i, c, w))
     _, out = jax.lax.scan(lambda _, a: (None, step(w, *a)), None, xs)
-    return out.reshape(n, -1)
+    return out.reshape(n, -1), r
 
 
 def _expert_specs(experts: Mapping[str, Any], mesh: Mesh, block: int):
@@ -184,7 +189,7 @@ def chunk_tokens(config: Config, ep: int, itemsize: int, buffer_bytes: int = DEF
 
 def make_dispatch(mesh: Mesh, impl: str | None = None,
                   buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> Callable[..., jax.Array]:
-    """A `dsjax.moe.dispatch` replacement that runs expert-parallel on `mesh` (installed by sharding.parallel).
+    """The `dsjax.moe.DISPATCH_HOOK` for `mesh`: route + expert-parallel dispatch (installed by sharding.parallel).
 
     impl: "ragged" | "padded" | "emulated" (default by backend); buffer_bytes bounds the worst-case
     receive buffer: a device's tokens go through the exchange in chunks that fit it.
@@ -194,7 +199,7 @@ def make_dispatch(mesh: Mesh, impl: str | None = None,
         raise ValueError(f"expert-parallel impl={impl!r}: expected one of {IMPLS}.")
     ep, tp = axis_size(mesh, EXPERT_AXIS), axis_size(mesh, TENSOR_AXIS)
 
-    def dispatch(x: jax.Array, r: Routing, experts: Mapping[str, Any], config: Config) -> jax.Array:
+    def dispatch(x: jax.Array, p: Mapping[str, Any], config: Config) -> tuple[jax.Array, Routing]:
         n, d = x.shape
         tok_spec = logical_to_spec(("act_tokens", None), mesh)
         shards = spec_size(tok_spec, mesh, 0)
@@ -204,18 +209,20 @@ def make_dispatch(mesh: Mesh, impl: str | None = None,
             chunk = -(-local // -(-local // chunk))
         else:
             chunk = local
-        pad = -n % (shards * chunk)  # padding tokens route nowhere (id -1) and are cut off below
-        ids, comb = r.experts, r.weights
+        pad = -n % (shards * chunk)  # padding tokens route nowhere and are cut off below
+        valid = jnp.arange(n + pad) < n
         if pad:
             x = jnp.pad(x, ((0, pad), (0, 0)))
-            ids = jnp.pad(ids, ((0, pad), (0, 0)), constant_values=-1)
-            comb = jnp.pad(comb, ((0, pad), (0, 0)))
+        experts = p["experts"]
         specs, split = _expert_specs(experts, mesh, config.fp8_weight_block or fp8.BLOCK)
         body = functools.partial(_dispatch_local, config=config, ep=ep, tp=tp, impl=impl, split=split,
                                  chunk=chunk)
-        out = jax.shard_map(body, mesh=mesh, in_specs=(tok_spec, tok_spec, tok_spec, specs),
-                            out_specs=tok_spec, check_vma=False)(x, ids, comb, dict(experts))
-        return out[:n]
+        # routing runs inside too: XLA's partitioner would all-gather every token's scores for top_k
+        rep = PartitionSpec()
+        out, r = jax.shard_map(body, mesh=mesh, in_specs=(tok_spec, tok_spec, rep, rep, specs),
+                               out_specs=(tok_spec, Routing(tok_spec, tok_spec, tok_spec)),
+                               check_vma=False)(x, valid, p["router"], p["bias"], dict(experts))
+        return out[:n], Routing(*(a[:n] for a in r))
 
     return dispatch
 
