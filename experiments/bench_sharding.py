@@ -109,8 +109,7 @@ def _layer_params(config, which: str, mesh):
 
 def ep_table(config, ep: int, tokens: int):
     import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import PartitionSpec as P
 
     import sharding
     from dsjax import moe
@@ -166,7 +165,7 @@ def _ragged_from_lowered(text: str, config, ep: int, tokens: int):
 def cp_table(config, sp: int, length: int):
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import PartitionSpec as P
 
     import sharding
     from dsjax import attention
