@@ -13,7 +13,8 @@ Which keys a query sees:
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+import contextvars
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,13 +74,31 @@ def project(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array,
     return Queries(q_abs, q_pe, iq, iw), Latents(latent, k_pe, ik)
 
 
+# Set by `sharding` while it traces a forward pass on a mesh: called as
+# hook(attend_local, q, kv, config, **kw); it runs `attend_local` per shard (context parallelism).
+ATTEND_HOOK: contextvars.ContextVar[Callable[..., jax.Array] | None] = contextvars.ContextVar(
+    "dsjax_attend_hook", default=None)
+
+
 def attend(q: Queries, kv: Latents, config: Config, *, q_positions: jax.Array, k_positions: jax.Array,
            q_segment_ids: jax.Array | None = None, k_segment_ids: jax.Array | None = None) -> jax.Array:
     """Latent attention output o_lat [B, T, H, kv_lora_rank] of queries over cached latents.
 
     Positions decide causality (k_pos <= q_pos; padding keys have k_pos = -1); segment ids keep packed
     documents apart. The indexer runs only when it can prune: more keys than `index_topk`.
+    Under `sharding` on a mesh, the hook runs `attend_local` per device (sequence-parallel DSA).
     """
+    kw = dict(q_positions=q_positions, k_positions=k_positions, q_segment_ids=q_segment_ids,
+              k_segment_ids=k_segment_ids)
+    hook = ATTEND_HOOK.get()
+    if hook is not None:
+        return hook(attend_local, q, kv, config, **kw)
+    return attend_local(q, kv, config, **kw)
+
+
+def attend_local(q: Queries, kv: Latents, config: Config, *, q_positions: jax.Array, k_positions: jax.Array,
+                 q_segment_ids: jax.Array | None = None, k_segment_ids: jax.Array | None = None) -> jax.Array:
+    """`attend` on arrays that are all on one device (or one shard): indexer top-k, then sparse/dense MLA."""
     c = config
     n_keys = kv.kv.shape[1]
     if c.has_indexer and n_keys > c.index_topk:

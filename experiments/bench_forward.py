@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from experiments.timing import best_time as _best  # noqa: E402
+from experiments.bench_utils import best_time as _best  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "small", "dsjax preset to benchmark.")

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from experiments.timing import best_time as _best  # noqa: E402
+from experiments.bench_utils import best_time as _best  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("lengths", ["8192", "16384", "32768"], "Key counts L of table 1 (and table 2 on GPU/TPU).")

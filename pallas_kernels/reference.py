@@ -19,12 +19,15 @@ import jax.numpy as jnp
 
 F32 = jnp.float32
 _CHUNK_BUDGET_BYTES = 1 << 27  # per-chunk f32 working set of the XLA scans (128 MiB)
+# The sparse gather on CPU is memory-bound: a working set that stays in cache (a few query rows) ran ~2x
+# faster than 128 MiB chunks at L=4096, K=2048, H=16 (experiments/bench_sparse_mla.py).
+_CPU_SPARSE_BUDGET_BYTES = 1 << 23
 
 
 # ----------------------------------------------------------------------------- helpers
-def auto_chunk(t: int, bytes_per_row: int, cap: int) -> int:
+def auto_chunk(t: int, bytes_per_row: int, cap: int, budget: int = _CHUNK_BUDGET_BYTES) -> int:
     """Largest power-of-two query chunk <= cap whose working set fits the budget (at least 1)."""
-    c = max(1, min(cap, _CHUNK_BUDGET_BYTES // max(1, bytes_per_row), t))
+    c = max(1, min(cap, budget // max(1, bytes_per_row), t))
     return 1 << (c.bit_length() - 1)
 
 
@@ -173,7 +176,8 @@ def sparse_mla_with_lse(q_nope, q_rope, kv_nope, k_rope, indices, *, scale: floa
     """
     b, t, h, dc = q_nope.shape
     k = indices.shape[-1]
-    c = chunk_size or auto_chunk(t, b * h * k * 4 * 3 + b * k * (dc + q_rope.shape[-1]) * 4, 256)
+    budget = _CPU_SPARSE_BUDGET_BYTES if jax.default_backend() == "cpu" else _CHUNK_BUDGET_BYTES
+    c = chunk_size or auto_chunk(t, b * h * k * 4 * 3 + b * k * (dc + q_rope.shape[-1]) * 4, 256, budget)
     return _sparse_mla(q_nope, q_rope, kv_nope, k_rope, indices.astype(jnp.int32), float(scale), int(c))
 
 

@@ -1,4 +1,4 @@
-"""Timing helper shared by the benchmarks."""
+"""Timing helper shared by the experiments/ benchmarks."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Callable
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Best wall time in seconds of `repeats` calls of `fn` (which must block), after one warm-up call
-    (compilation)."""
+    """Best wall time in seconds of `fn()` (which must block until its result is ready) over `repeats`
+    calls, after one warm-up call that also compiles."""
     fn()
     best = float("inf")
     for _ in range(repeats):
