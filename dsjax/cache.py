@@ -45,9 +45,9 @@ class IndexKey(NamedTuple):
     scale: jax.Array  # f32 [..., S, 1]
 
 
-# Logical axis names of the cache leaves (mapped to mesh axes by the `sharding` rules table).
-CACHE_LAYERS, CACHE_BATCH, CACHE_SEQUENCE = "layers", "cache_batch", "cache_sequence"
-_FEATURE_AXES = Latents(kv="kv_lora", k_pe="qk_rope", index_k="index_head")
+# Logical axis names of the cache leaves: the `sharding` rules table maps them to mesh axes (batch like
+# the activations, slots over `sequence`, layers and feature dims replicated).
+CACHE_LAYERS, CACHE_BATCH, CACHE_LENGTH, CACHE_DIM = "cache_layers", "cache_batch", "cache_length", "cache_dim"
 
 
 def fp8_index_keys(config: Config) -> bool:
@@ -88,28 +88,23 @@ def init_cache(config: Config, batch: int, max_len: int, dtype: Any = None, *, m
     return out
 
 
-def cache_axes(config: Config, *, mtp: bool = False) -> dict[str, Any]:
-    """Logical axis names of every cache leaf (same tree as `init_cache`), e.g.
-    ("layers", "cache_batch", "cache_sequence", "kv_lora") for the latents of a layer stack."""
-    c = config
-
-    def lat(lead: tuple[str, ...]) -> Latents:
-        index_k = None
-        if c.has_indexer:
-            index_k = lead + (_FEATURE_AXES.index_k,)
-            if fp8_index_keys(c):
-                index_k = IndexKey(index_k, lead + (None,))  # the scale's trailing axis has size 1
-        return Latents(lead + (_FEATURE_AXES.kv,), lead + (_FEATURE_AXES.k_pe,), index_k)
-
+def axes_of(cache: Any) -> dict[str, Any]:
+    """Logical axis names of every leaf of a cache (arrays or `jax.ShapeDtypeStruct`s; same tree), e.g.
+    ("cache_layers", "cache_batch", "cache_length", "cache_dim") for the latents of a layer stack."""
+    lead = {"dense": (CACHE_LAYERS,), "moe": (CACHE_LAYERS,), "mtp": ()}
     out: dict[str, Any] = {}
-    if c.n_dense_layers:
-        out["dense"] = lat((CACHE_LAYERS, CACHE_BATCH, CACHE_SEQUENCE))
-    if c.n_moe_layers:
-        out["moe"] = lat((CACHE_LAYERS, CACHE_BATCH, CACHE_SEQUENCE))
-    if mtp:
-        out["mtp"] = lat((CACHE_BATCH, CACHE_SEQUENCE))
-    out["lengths"] = (CACHE_BATCH,)
+    for key, sub in cache.items():
+        if key == "lengths":
+            out[key] = (CACHE_BATCH,)
+        else:
+            names = lead[key] + (CACHE_BATCH, CACHE_LENGTH, CACHE_DIM)
+            out[key] = jax.tree.map(lambda _: names, sub)
     return out
+
+
+def cache_axes(config: Config, *, mtp: bool = False) -> dict[str, Any]:
+    """Logical axis names of every leaf of `init_cache(config, ..., mtp=mtp)` (same tree)."""
+    return axes_of(jax.eval_shape(lambda: init_cache(config, 1, 1, mtp=mtp)))
 
 
 def bytes_per_token(config: Config, dtype: Any = None) -> dict[str, int]:

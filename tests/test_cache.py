@@ -10,6 +10,7 @@ import dsjax
 from dsjax import cache as cache_lib
 from dsjax import fp8, indexer, model, params as params_lib
 from dsjax.attention import Latents
+from sharding.rules import RULES
 
 V32 = dsjax.Config.preset("deepseek-v3.2")
 V3 = dsjax.Config.preset("deepseek-v3")
@@ -47,9 +48,11 @@ def test_cache_axes_cover_every_leaf(name, numerics):
     flat, tree = jax.tree.flatten(cache)
     assert tree_axes == tree
     for a, x in zip(flat_axes, flat):
-        assert len(a) == x.ndim and "cache_batch" in a and all(isinstance(n, str) or n is None for n in a)
-    assert axes["moe"].kv == ("layers", "cache_batch", "cache_sequence", "kv_lora")
-    assert axes["mtp"].k_pe == ("cache_batch", "cache_sequence", "qk_rope")
+        assert len(a) == x.ndim and "cache_batch" in a and all(n in RULES for n in a)  # names sharding maps
+    assert axes["moe"].kv == ("cache_layers", "cache_batch", "cache_length", "cache_dim")
+    assert axes["mtp"].k_pe == ("cache_batch", "cache_length", "cache_dim")
+    assert axes["lengths"] == ("cache_batch",)
+    assert cache_lib.axes_of(cache) == axes
     assert (axes["dense"].index_k is None) == (not cfg.has_indexer)
     if numerics == "official_fp8":
         assert cache["moe"].index_k.k8.dtype == fp8.E4M3 and cache["moe"].index_k.scale.shape[-1] == 1
