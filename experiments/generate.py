@@ -1,13 +1,14 @@
 """Generate text with dsjax from the command line, streaming tokens to the terminal.
 
     python experiments/generate.py --hf_dir=path/to/hf --chat="What is 1+1?" --thinking
-    python experiments/generate.py --ckpt_dir=path/to/orbax --tokenizer=path/to/tokenizer.json --prompt="Once"
+    python experiments/generate.py --ckpt_dir=path/to/orbax --tokenizer=path/to/tokenizer.json --prompt="Once" \
+        --mesh=expert=8,tensor=4
     python experiments/generate.py --config=tiny --prompt_ids=0,5,7 --max_new_tokens=16    # random weights
     python experiments/generate.py --flagfile=experiments/configs/generate.flags
 
-Weights: --ckpt_dir (a converted Orbax checkpoint, through `checkpoints.load` when this build has it),
---hf_dir (HF safetensors, in memory: small models), or --config (a preset with random weights, for smoke
-tests). Prompt: --prompt (raw text, BOS prepended), --chat (one user message in the DeepSeek V3.2 chat
+Weights: --ckpt_dir (a converted dsjax/Orbax checkpoint, `checkpoints.load`, restored into its shards with
+--mesh), --hf_dir (HF safetensors, in memory: small models), or --config (a preset with random weights, for
+smoke tests). Prompt: --prompt (raw text, BOS prepended), --chat (one user message in the DeepSeek V3.2 chat
 format, with --system and --thinking), --chat_file (a JSON list of messages), or --prompt_ids. Several
 --prompt / --chat flags make a batch; the first sequence is streamed, the rest printed at the end.
 The last line reports prefill and decode tokens/s (and the MTP acceptance rate with --mtp).
@@ -41,15 +42,35 @@ flags.DEFINE_float("top_p", 1.0, "Nucleus truncation (1 = off).")
 flags.DEFINE_integer("top_k", 0, "Top-k truncation (0 = off).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("mtp", False, "Speculative decoding with the MTP module.")
-flags.DEFINE_string("mesh", None, "Device mesh (needs the sharding helpers; not in this build).")
-flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Param/compute dtype for --hf_dir/--config.")
+flags.DEFINE_string("mesh", None, "Device mesh as axis=size pairs, e.g. expert=8,tensor=4 (axes: data, fsdp, "
+                    "sequence, expert, tensor); default: one device.")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Param/compute dtype (default: as stored for --ckpt_dir, "
+                  "bfloat16 for --hf_dir / --config).")
 flags.DEFINE_integer("prefill_chunk", 512, "Prompt tokens per prefill call.")
 flags.DEFINE_bool("print_ids", False, "Also print the generated token ids (one line per prompt).")
 flags.DEFINE_bool("warmup", False, "Compile with an untimed 2-token run first, so tokens/s exclude compilation.")
 
 
-def load_model(ckpt_dir=None, hf_dir=None, config=None, dtype="bfloat16"):
-    """(Config, params) from exactly one of ckpt_dir / hf_dir / config."""
+def parse_mesh(text, config):
+    """A `sharding.make_mesh` mesh from "axis=size,..." (None for no mesh)."""
+    if not text:
+        return None
+    import sharding
+
+    sizes = {}
+    for part in filter(None, text.split(",")):
+        name, _, n = part.partition("=")
+        if not n.strip().isdigit():
+            raise app.UsageError(f"--mesh: {part!r} is not axis=size (e.g. expert=8,tensor=4).")
+        sizes[name.strip()] = int(n)
+    try:
+        return sharding.make_mesh(**sizes, config=config)
+    except (TypeError, ValueError) as e:
+        raise app.UsageError(f"--mesh={text}: {e}") from None
+
+
+def load_model(ckpt_dir=None, hf_dir=None, config=None, dtype=None, mesh=None):
+    """(Config, params) from exactly one of ckpt_dir / hf_dir / config (restored onto `mesh` for ckpt_dir)."""
     import jax
 
     import checkpoints
@@ -59,10 +80,8 @@ def load_model(ckpt_dir=None, hf_dir=None, config=None, dtype="bfloat16"):
     if len(given) != 1:
         raise app.UsageError(f"pass exactly one of --ckpt_dir, --hf_dir, --config (got {given or 'none'}).")
     if ckpt_dir:
-        if not hasattr(checkpoints, "load"):
-            raise app.UsageError("this build has no checkpoints.load for converted Orbax checkpoints; "
-                                 "pass the HF directory with --hf_dir instead.")
-        return checkpoints.load(ckpt_dir)
+        return checkpoints.load(ckpt_dir, mesh=mesh, dtype=dtype)
+    dtype = dtype or "bfloat16"
     if hf_dir:
         return checkpoints.load_hf(hf_dir, dtype=dtype)
     cfg = dsjax.Config.preset(config, dtype=dtype, param_dtype=dtype)
@@ -90,9 +109,12 @@ def main(argv):
     import dsjax
     from dsjax.generate import cache_length
 
+    mesh = None
+    if FLAGS.mesh and FLAGS.ckpt_dir:  # restore straight into the shards (the config comes with the checkpoint)
+        mesh = parse_mesh(FLAGS.mesh, None)
+    cfg, params = load_model(FLAGS.ckpt_dir, FLAGS.hf_dir, FLAGS.config, FLAGS.dtype, mesh)
     if FLAGS.mesh:
-        raise app.UsageError("--mesh needs the sharding helpers, which this build lacks; run on one device.")
-    cfg, params = load_model(FLAGS.ckpt_dir, FLAGS.hf_dir, FLAGS.config, FLAGS.dtype)
+        mesh = parse_mesh(FLAGS.mesh, cfg)  # also checks that the model can be split over it
     tok_path = FLAGS.tokenizer or next((d for d in (FLAGS.hf_dir, FLAGS.ckpt_dir)
                                         if d and os.path.isfile(os.path.join(d, "tokenizer.json"))), None)
     tok = dsjax.Tokenizer.from_file(tok_path) if tok_path else None
@@ -108,7 +130,7 @@ def main(argv):
         print(text, end="", flush=True)
 
     kw = dict(temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k, seed=FLAGS.seed,
-              stop_tokens=stops, mtp=FLAGS.mtp, prefill_chunk=FLAGS.prefill_chunk)
+              stop_tokens=stops, mtp=FLAGS.mtp, prefill_chunk=FLAGS.prefill_chunk, mesh=mesh)
     if FLAGS.warmup:  # same prompt and cache buckets as the real run, so every shape is compiled
         dsjax.generate_with_stats(params, cfg, prompts, max_new_tokens=2, **kw,
                                   max_len=cache_length(max(map(len, prompts)) + FLAGS.max_new_tokens, cfg))

@@ -1,5 +1,6 @@
-"""experiments/generate.py end to end: a real process loads the tiny HF checkpoint and a tokenizer, encodes
-a V3.2 chat, streams the answer and prints tokens/s; its ids equal HF greedy decoding."""
+"""experiments/generate.py end to end: a real process with 4 (CPU) devices restores a converted dsjax
+checkpoint onto an expert x tensor mesh, encodes a V3.2 chat with a tokenizer, streams the answer and
+prints tokens/s; its ids equal HF greedy decoding of the same weights."""
 
 import importlib.util
 import os
@@ -35,12 +36,16 @@ def tok_path(tmp_path_factory):
     return str(path)
 
 
-def test_cli_chat_streams_hf_greedy_tokens(hf_v32, tok_path):
+def test_cli_chat_from_converted_checkpoint_on_a_mesh(hf_v32, tok_path, tmp_path):
     model, hf_dir = hf_v32
+    cfg, params = checkpoints.load_hf(hf_dir)
+    ckpt = str(tmp_path / "ckpt")
+    checkpoints.save(ckpt, params, cfg)  # what `python -m checkpoints.convert` writes
     n_new = 8
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, CLI, f"--hf_dir={hf_dir}", f"--tokenizer={tok_path}", "--chat=what is the weather in paris ?",
-           "--system=hello", "--thinking", f"--max_new_tokens={n_new}", "--dtype=float32", "--print_ids"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"}
+    cmd = [sys.executable, CLI, f"--ckpt_dir={ckpt}", f"--tokenizer={tok_path}", "--chat=what is the weather in paris ?",
+           "--system=hello", "--thinking", f"--max_new_tokens={n_new}", "--mesh=expert=2,tensor=2", "--print_ids"]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
@@ -68,9 +73,12 @@ def test_cli_argument_errors(hf_v32):
     _, hf_dir = hf_v32
     with pytest.raises(cli.app.UsageError, match="exactly one of"):
         cli.load_model(hf_dir=hf_dir, config="tiny")
-    if not hasattr(checkpoints, "load"):  # converted-checkpoint loading lands with the checkpoint tooling
-        with pytest.raises(cli.app.UsageError, match="--hf_dir instead"):
-            cli.load_model(ckpt_dir=hf_dir)
+    cfg, params = cli.load_model(hf_dir=hf_dir, dtype="float32")
+    assert cfg.dtype == "float32" and "moe" in params
+    with pytest.raises(cli.app.UsageError, match="not axis=size"):
+        cli.parse_mesh("expert2", cfg)
+    with pytest.raises(cli.app.UsageError, match="needs 3 devices"):
+        cli.parse_mesh("tensor=3", cfg)
     with pytest.raises(cli.app.UsageError, match="need --tokenizer"):
         cli.build_prompts(None, chats=["hi"])
     with pytest.raises(cli.app.UsageError, match="give a prompt"):
