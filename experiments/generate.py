@@ -148,8 +148,9 @@ def main(argv):
         for toks in res.tokens:
             print("ids:", ",".join(map(str, toks)))
     s = res.stats
+    note = "" if FLAGS.warmup else " (incl. compilation; see --warmup)"
     line = (f"[dsjax] {len(prompts)} prompt(s), {s['prompt_tokens']} prompt tokens, {s['new_tokens']} new tokens "
-            f"in {wall:.2f}s{'' if FLAGS.warmup else ' (incl. compilation; see --warmup)'} | prefill {s['prompt_tokens'] / s['prefill_s']:.1f} tokens/s | "
+            f"in {wall:.2f}s{note} | prefill {s['prompt_tokens'] / s['prefill_s']:.1f} tokens/s | "
             f"decode {s['decode_tokens'] / max(s['decode_s'], 1e-9):.1f} tokens/s")
     if FLAGS.mtp:
         line += f" | MTP acceptance {s['acceptance_rate']:.1%} ({s['accepted']}/{s['drafted']})"

@@ -44,8 +44,8 @@ def test_cli_chat_from_converted_checkpoint_on_a_mesh(hf_v32, tok_path, tmp_path
     n_new = 8
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"}
-    cmd = [sys.executable, CLI, f"--ckpt_dir={ckpt}", f"--tokenizer={tok_path}", "--chat=what is the weather in paris ?",
-           "--system=hello", "--thinking", f"--max_new_tokens={n_new}", "--mesh=expert=2,tensor=2", "--print_ids"]
+    cmd = [sys.executable, CLI, f"--ckpt_dir={ckpt}", f"--tokenizer={tok_path}",
+           "--chat=what is the weather in paris ?", "--system=hello", "--thinking", f"--max_new_tokens={n_new}", "--mesh=expert=2,tensor=2", "--print_ids"]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
