@@ -22,8 +22,13 @@ from dsjax.rope import cos_sin
 
 
 def mtp_hidden(params: Mapping[str, Any], hidden: jax.Array, next_tokens: jax.Array, config: Config, *,
-               positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
-    """MTP hidden state [B, L, D] from the main hidden [B, L, D] and the next tokens t_{i+1} [B, L]."""
+               positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+               return_stats: bool = False):
+    """MTP hidden state [B, L, D] from the main hidden [B, L, D] and the next tokens t_{i+1} [B, L].
+
+    With return_stats=True returns (hidden, MoEStats or None): the MTP block's routing statistics, which
+    training needs for its balance loss and router-bias update.
+    """
     c = config
     if "mtp" not in params:
         raise ValueError("these params have no MTP module (num_nextn_predict_layers=0 or not loaded).")
@@ -33,10 +38,10 @@ def mtp_hidden(params: Mapping[str, Any], hidden: jax.Array, next_tokens: jax.Ar
     e = rms_norm(embed(params, next_tokens, c), p["enorm"], c.rms_norm_eps)
     h = rms_norm(hidden.astype(c.compute_dtype), p["hnorm"], c.rms_norm_eps)
     z = dense(jnp.concatenate([e, h], axis=-1), p["eh_proj"])
-    (f, resid), _, _ = block(p["block"], (z, jnp.zeros_like(z)), cos, sin, c, positions=positions,
-                          segment_ids=segment_ids, is_moe=c.mtp_is_moe)
+    (f, resid), stats, *_ = block(p["block"], (z, jnp.zeros_like(z)), cos, sin, c, positions=positions,
+                              segment_ids=segment_ids, is_moe=c.mtp_is_moe)
     out, _ = add_rms_norm(f, resid, p["norm"], c.rms_norm_eps)
-    return out
+    return (out, stats) if return_stats else out
 
 
 def mtp_logits(params: Mapping[str, Any], hidden: jax.Array, tokens: jax.Array, config: Config, *,
