@@ -43,6 +43,8 @@ flags.DEFINE_float("lora_alpha", None, "LoRA alpha (default: rank)")
 flags.DEFINE_list("lora_targets", ["attn"], "LoRA targets: attn (MLA projections), shared, experts")
 # optimizer
 flags.DEFINE_integer("steps", 1000, "optimizer steps in total (a resumed run continues up to this)")
+flags.DEFINE_integer("schedule_steps", None, "length of the lr schedule (default --steps); lets a run train a "
+                     "prefix of a longer schedule and a later --resume continue it")
 flags.DEFINE_float("lr", 3e-4, "peak learning rate")
 flags.DEFINE_integer("warmup_steps", 100, "linear warm-up steps")
 flags.DEFINE_float("min_lr_ratio", 0.1, "final lr as a fraction of --lr (cosine decay)")
@@ -117,6 +119,7 @@ def build_run_config():
         if FLAGS.init_ckpt:
             raise FlagError("--vocab_size applies to a new model (--config); a checkpoint fixes its vocabulary.")
         options["vocab_size"] = FLAGS.vocab_size
+    total = FLAGS.schedule_steps or FLAGS.steps
     lora_cfg = None
     if FLAGS.lora_rank:
         lora_cfg = lora.LoraConfig(rank=FLAGS.lora_rank, alpha=FLAGS.lora_alpha, targets=tuple(FLAGS.lora_targets))
@@ -124,8 +127,8 @@ def build_run_config():
         stage=FLAGS.stage, grad_accum=FLAGS.grad_accum, remat=None if FLAGS.remat == "off" else FLAGS.remat,
         mtp_weight=FLAGS.mtp_weight, balance_alpha=FLAGS.balance_alpha, bias_update_rate=FLAGS.bias_update_rate,
         indexer_loss_weight=FLAGS.indexer_loss_weight, lora=lora_cfg,
-        optim=schedule.OptimConfig(learning_rate=FLAGS.lr, warmup_steps=min(FLAGS.warmup_steps, FLAGS.steps),
-                                   total_steps=FLAGS.steps, min_lr_ratio=FLAGS.min_lr_ratio,
+        optim=schedule.OptimConfig(learning_rate=FLAGS.lr, warmup_steps=min(FLAGS.warmup_steps, total),
+                                   total_steps=total, min_lr_ratio=FLAGS.min_lr_ratio,
                                    weight_decay=FLAGS.weight_decay, b1=FLAGS.b1, b2=FLAGS.b2,
                                    clip_norm=FLAGS.clip_norm))
     dc = data.DataConfig(paths=tuple(FLAGS.data), seq_len=FLAGS.seq_len, batch_size=FLAGS.batch_size,

@@ -129,7 +129,11 @@ def check_stage(config: Config, tc: TrainConfig) -> None:
 
 def init_state(params: Any, config: Config, tc: TrainConfig, rng: jax.Array,
                adapters: Any | None = None) -> dict[str, Any]:
-    """A fresh training state. adapters: LoRA adapters (`lora.init`) when tc.lora is set."""
+    """A fresh training state. adapters: LoRA adapters (`lora.init`) when tc.lora is set.
+
+    The state holds `params` itself (no copy) and the compiled step donates its state argument, so the
+    arrays passed in are consumed by the first step; pass a copy to keep using them.
+    """
     check_stage(config, tc)
     if (adapters is None) != (tc.lora is None):
         raise ValueError("pass LoRA adapters exactly when TrainConfig.lora is set.")

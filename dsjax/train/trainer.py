@@ -12,6 +12,7 @@ before returning. At the end it writes WORKDIR/loss_curve.png and, if asked, exp
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any, Callable, Mapping
@@ -49,6 +50,7 @@ class RunConfig:
     mesh: Any = None
     export_hf: str | None = None
     progress: bool = True
+    time_limit_s: float | None = None  # stop (and save) after the step that crosses this wall-clock budget
 
 
 @dataclasses.dataclass
@@ -59,6 +61,7 @@ class RunResult:
     step: int
     preempted: bool
     paths: dict[str, str]
+    stopped_early: bool = False  # the time limit ended the run before rc.steps
 
 
 # --------------------------------------------------------------------------------------------- model init
@@ -157,17 +160,20 @@ def place_batch(batch: Mapping[str, np.ndarray], mesh: Any) -> dict[str, jax.Arr
 # --------------------------------------------------------------------------------------------- run
 def _meta(config: Config, rc: RunConfig) -> dict[str, Any]:
     tc = rc.train
-    return {"config": ckpt_lib.config_to_dict(config), "stage": tc.stage,
-            "lora": None if tc.lora is None else dataclasses.asdict(tc.lora),
-            "seq_len": rc.data.seq_len, "batch_size": rc.data.batch_size, "grad_accum": tc.grad_accum,
+    train = dataclasses.asdict(tc)
+    return {"config": ckpt_lib.config_to_dict(config), "stage": tc.stage, "train": train,
+            "lora": train["lora"], "seq_len": rc.data.seq_len, "batch_size": rc.data.batch_size,
+            "data_seed": rc.data.seed, "packing": rc.data.packing,
             "tokenizer": rc.tokenizer if isinstance(rc.tokenizer, str) else None}
 
 
 def _check_resume(meta: Mapping[str, Any], now: Mapping[str, Any], directory: str) -> None:
-    keys = ("stage", "lora", "seq_len", "batch_size", "grad_accum")
-    diff = [f"{k}: {meta.get(k)!r} -> {now[k]!r}" for k in keys if meta.get(k) != now[k]]
-    old, new = meta.get("config", {}), now["config"]
-    diff += [f"config.{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k]]
+    """A resumed run must use the settings that wrote the checkpoint (else it is not the same run)."""
+    diff = [f"{k}: {meta.get(k)!r} -> {now[k]!r}" for k in ("seq_len", "batch_size", "data_seed", "packing")
+            if meta.get(k) != now[k]]
+    for part in ("train", "config"):
+        old, new = meta.get(part, {}), json.loads(json.dumps(now[part]))  # tuples -> lists, as stored
+        diff += [f"{part}.{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
     if diff:
         raise ValueError(f"--resume: the checkpoint in {directory} was written with different settings "
                          f"({'; '.join(diff)}); resume with the original flags or use a new --workdir.")
@@ -228,7 +234,8 @@ def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) ->
     step_fn = step_lib.compiled_step(config, tc, rc.mesh)
     writer = metrics_lib.ScalarWriter(paths["tensorboard"]) if jax.process_index() == 0 else None
     log = metrics_lib.MetricsLog(paths["metrics"]) if jax.process_index() == 0 else None
-    preempted = False
+    preempted = stopped = False
+    t_start = time.perf_counter()
     bar = None
     if rc.progress and jax.process_index() == 0:
         from tqdm.auto import tqdm
@@ -261,6 +268,9 @@ def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) ->
                     preempted = True
                     ck.save(step + 1, state, it, meta, force=True)
                     break
+                if rc.time_limit_s is not None and now - t_start > rc.time_limit_s and step + 1 < rc.steps:
+                    stopped = True
+                    break
             final = int(state["step"])
             ck.save(final, state, it, meta, force=True)
             ck.wait()
@@ -279,7 +289,7 @@ def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) ->
         params = state["params"] if tc.lora is None else lora_lib.merge(state["params"], state["lora"], config, tc.lora)
         _exporter()(params, config, rc.export_hf)
         paths["export_hf"] = os.path.abspath(rc.export_hf)
-    return RunResult(config, state, rows, int(state["step"]), preempted, paths)
+    return RunResult(config, state, rows, int(state["step"]), preempted, paths, stopped)
 
 
 def summary(res: RunResult) -> str:

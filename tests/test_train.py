@@ -1,0 +1,244 @@
+"""The training step: overfitting, losses against numpy, the router-bias update (never touched by the
+optimizer), MoE balancing on a skewed router, gradient accumulation, frozen leaves, schedule, indexer stages,
+and clear errors."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dsjax
+from dsjax.train import losses, schedule, step as step_lib
+
+CFG = dsjax.Config.preset("tiny", index_topk=8)  # rows of 32 tokens > 8: DSA prunes
+B, L = 4, 32
+TC = step_lib.TrainConfig(optim=schedule.OptimConfig(learning_rate=3e-3, warmup_steps=2, total_steps=40,
+                                                     weight_decay=0.01), bias_update_rate=1e-3)
+
+
+def make_batch(seed=0, b=B, length=L, n_docs=2):
+    """Random tokens packed as n_docs documents per row (segment ids, per-document positions, targets)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(2, CFG.vocab_size, (b, length + 1)).astype(np.int32)
+    cut = length // n_docs
+    seg = np.repeat(np.arange(1, n_docs + 1), cut)[None].repeat(b, 0).astype(np.int32)
+    pos = np.tile(np.arange(cut), n_docs)[None].repeat(b, 0).astype(np.int32)
+    w = np.ones((b, length), np.float32)
+    w[:, cut - 1::cut] = 0.0  # last token of a document has no target in the same document
+    return {"tokens": ids[:, :-1], "targets": ids[:, 1:], "weights": w, "segment_ids": seg, "positions": pos}
+
+
+@pytest.fixture(scope="module")
+def params():
+    return dsjax.init_params(CFG, jax.random.key(0))
+
+
+def fresh(tree):
+    """A device copy: the compiled step donates its state, which would delete the shared fixture's arrays."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+def _copy(tree):
+    return jax.tree.map(lambda x: np.array(x), tree)
+
+
+@pytest.fixture(scope="module")
+def overfit(params):
+    """30 steps on one fixed batch; keeps the first and last states and per-step metrics."""
+    state = step_lib.init_state(fresh(params), CFG, TC, jax.random.key(1))
+    first = _copy(state)
+    fn = step_lib.compiled_step(CFG, TC)
+    batch = make_batch()
+    hist, snaps = [], []
+    for i in range(30):
+        before = _copy(state["params"]) if i < 2 else None
+        state, m = fn(state, batch)
+        m = jax.device_get(m)
+        hist.append(m)
+        if before is not None:
+            snaps.append((before, _copy(state["params"]), m))
+    return {"first": first, "last": _copy(state), "hist": hist, "snaps": snaps, "batch": batch}
+
+
+def test_tiny_model_overfits_a_batch(overfit):
+    ce = [float(m["ce"]) for m in overfit["hist"]]
+    assert ce[0] > 5.5  # ~ln(512) at init
+    assert ce[-1] < 1.0, ce
+    assert float(overfit["hist"][-1]["mtp"]) < 2.0  # the MTP head learns token i+2 too
+    assert int(overfit["last"]["step"]) == 30
+
+
+def test_router_bias_moves_only_by_the_load_rule(overfit):
+    """Each step moves every MoE layer's correction bias by exactly -γ (overloaded), +γ (underloaded) or 0,
+    from the step's own expert load; the optimizer never touches it (spec §6.3)."""
+    gamma, e = TC.bias_update_rate, CFG.n_routed_experts
+    for before, after, m in overfit["snaps"]:
+        load = np.asarray(m["moe_load"])  # [L_moe, E]
+        np.testing.assert_allclose(load.sum(-1), 1.0, rtol=1e-5)
+        want = before["moe"]["moe"]["bias"] + gamma * np.sign(1.0 / e - load)
+        np.testing.assert_allclose(after["moe"]["moe"]["bias"], want, atol=1e-7)
+        assert np.any(after["moe"]["moe"]["bias"] != before["moe"]["moe"]["bias"])
+        mtp_delta = after["mtp"]["block"]["moe"]["bias"] - before["mtp"]["block"]["moe"]["bias"]
+        assert np.all(np.isclose(np.abs(mtp_delta), gamma, atol=1e-7) | (mtp_delta == 0)) and np.any(mtp_delta)
+    # The optimizer state has no slot for the biases (nor for the indexer, which SFT leaves alone).
+    names = {".".join(step_lib._path_names(kp)) for kp, _ in
+             jax.tree_util.tree_flatten_with_path(overfit["last"]["opt_state"])[0]}
+    assert not any(n.endswith("moe.bias") or "indexer" in n for n in names)
+    assert any("moe.router" in n for n in names)
+
+
+def test_sft_leaves_indexer_untouched_and_trains_the_rest(overfit):
+    p0, p1 = overfit["first"]["params"], overfit["last"]["params"]
+    for (kp, a), b in zip(jax.tree_util.tree_flatten_with_path(p0)[0], jax.tree.leaves(p1)):
+        name = ".".join(step_lib._path_names(kp))
+        if "indexer" in name:
+            assert np.array_equal(a, b), name
+        elif not name.endswith("moe.bias") and a.ndim > 1:
+            assert not np.array_equal(a, b), name
+
+
+def test_losses_match_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    t = rng.integers(0, 7, (2, 5))
+    w = (rng.random((2, 5)) > 0.3).astype(np.float32)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    nll = -np.log(np.take_along_axis(p, t[..., None], -1)[..., 0])
+    s, n = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(t), jnp.asarray(w))
+    np.testing.assert_allclose(float(s), (nll * w).sum(), rtol=1e-5)
+    assert float(n) == w.sum()
+    # Balance loss: Σ_i f_i P_i with f_i = E·load_i (spec §6.3), summed over layers, mean over sequences.
+    load = rng.dirichlet(np.ones(4), size=(3, 2)).astype(np.float32)
+    score = rng.dirichlet(np.ones(4), size=(3, 2)).astype(np.float32)
+    want = np.mean(np.sum(4 * load * score, -1), -1).sum()
+    np.testing.assert_allclose(float(losses.balance_loss(jnp.asarray(load), jnp.asarray(score))), want, rtol=1e-5)
+    t2, w2 = losses.mtp_targets(jnp.asarray([[5, 6, 7, 8]]), jnp.ones((1, 4)), jnp.asarray([[1, 1, 2, 2]]))
+    assert t2.tolist() == [[6, 7, 8, 0]] and w2.tolist() == [[1, 0, 1, 0]]
+
+
+def test_bias_update_balances_a_skewed_router():
+    """Tokens sharing a direction the router favours send most slots to experts 0-1; repeated aux-loss-free
+    updates (the bias enters only the selection, `moe.route`) bring the load back to balance."""
+    from dsjax import moe
+
+    rng = np.random.default_rng(0)
+    d, e = CFG.hidden_size, CFG.n_routed_experts
+    u = rng.normal(size=d)
+    u /= np.linalg.norm(u)
+    x = jnp.asarray(rng.normal(size=(512, d)) + 2.0 * u, jnp.float32)
+    router = rng.normal(size=(d, e)) * 0.05
+    router[:, :2] += u[:, None]
+    router = jnp.asarray(router, jnp.float32)
+
+    @jax.jit
+    def load_of(bias):
+        r = moe.route(x, router, bias, CFG)
+        return jnp.bincount(r.experts.reshape(-1), length=e) / r.experts.size
+
+    bias, imbalance = jnp.zeros(e), []
+    for _ in range(60):
+        load = load_of(bias)
+        imbalance.append(float(losses.load_imbalance(load)))
+        bias = losses.bias_update(bias, load, 0.01)
+    assert imbalance[0] > 3.0, imbalance[0]  # 2 of 8 experts take most of the slots
+    assert np.mean(imbalance[-10:]) < 1.35, imbalance[-10:]
+    assert float(bias[0]) < 0 and float(bias[1]) < 0 and float(jnp.min(bias[2:])) > 0
+
+
+def test_grad_accumulation_equals_full_batch(params):
+    tc1 = TC  # shares the overfit test's compile
+    tc2 = dataclasses.replace(TC, grad_accum=2)
+    batch = make_batch(seed=7)
+    batch["weights"][0, :5] = 0.0  # unequal token counts per micro-batch: normalisation must be global
+    outs = []
+    for tc in (tc1, tc2):
+        state = step_lib.init_state(fresh(params), CFG, tc, jax.random.key(1))
+        new, m = step_lib.compiled_step(CFG, tc)(state, batch)
+        outs.append((jax.device_get(new["params"]), jax.device_get(m)))
+    (p1, m1), (p2, m2) = outs
+    for k in ("loss", "ce", "mtp", "balance", "grad_norm"):
+        np.testing.assert_allclose(m1[k], m2[k], rtol=2e-5, err_msg=k)
+    for (kp, a), b in zip(jax.tree_util.tree_flatten_with_path(p1)[0], jax.tree.leaves(p2)):
+        # A bias sits exactly on the ±γ boundary only if an expert's load is exactly 1/E in one run and
+        # not in the other (last-bit differences of the load average); allow that one step.
+        tol = 1.01 * TC.bias_update_rate if step_lib._is_router_bias(step_lib._path_names(kp)) else 2e-6
+        np.testing.assert_allclose(a, b, atol=tol)
+
+
+def test_schedule_warmup_then_cosine():
+    c = schedule.OptimConfig(learning_rate=1e-3, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    f = schedule.lr_schedule(c)
+    assert float(f(0)) == 0.0
+    np.testing.assert_allclose(float(f(5)), 5e-4, rtol=1e-6)
+    np.testing.assert_allclose(float(f(10)), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(float(f(60)), 1e-4 + 0.5 * (1e-3 - 1e-4), rtol=1e-5)  # half-way down the cosine
+    np.testing.assert_allclose(float(f(110)), 1e-4, rtol=1e-5)
+
+
+STAGES_AVAILABLE = "indexer_loss" in __import__("inspect").signature(dsjax.model.forward_hidden).parameters
+
+
+@pytest.mark.skipif(not STAGES_AVAILABLE, reason="needs the indexer KL loss plumbing "
+                    "(model.forward_hidden(indexer_loss=...), the 'Indexer' issue), not in this build")
+def test_indexer_warmup_lowers_kl_and_changes_only_the_indexer(params):
+    tc = step_lib.TrainConfig(stage="indexer_warmup", optim=schedule.OptimConfig(
+        learning_rate=1e-2, warmup_steps=0, total_steps=20, weight_decay=0.0))
+    state = step_lib.init_state(fresh(params), CFG, tc, jax.random.key(1))
+    fn = step_lib.compiled_step(CFG, tc)
+    batch = make_batch(seed=9)
+    kls = []
+    for _ in range(15):
+        state, m = fn(state, batch)
+        kls.append(float(m["indexer_kl"]))
+    assert kls[-1] < 0.8 * kls[0], kls
+    changed = []
+    for (kp, a), b in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(state["params"])):
+        name = ".".join(step_lib._path_names(kp))
+        if "indexer" in name:
+            changed.append(not np.array_equal(a, b))
+        else:
+            assert np.array_equal(a, b), f"{name} changed in indexer_warmup"
+    assert any(changed)
+
+
+@pytest.mark.skipif(not STAGES_AVAILABLE, reason="needs the indexer KL loss plumbing "
+                    "(model.forward_hidden(indexer_loss=...), the 'Indexer' issue), not in this build")
+def test_sparse_stage_detaches_the_indexer(params):
+    """Stage 2 trains everything with DSA on; the indexer learns only from its KL: with the KL weight at 0
+    the language-modelling loss must leave the indexer bit-identical while the rest of the model moves."""
+    tc = step_lib.TrainConfig(stage="sparse", indexer_loss_weight=0.0, bias_update_rate=0.0,
+                              optim=schedule.OptimConfig(learning_rate=1e-3, warmup_steps=0, total_steps=5,
+                                                         weight_decay=0.0))
+    state = step_lib.init_state(fresh(params), CFG, tc, jax.random.key(1))
+    state, m = step_lib.compiled_step(CFG, tc)(state, make_batch(seed=4))
+    assert np.isfinite(float(m["indexer_kl"])) and float(m["indexer_kl"]) > 0
+    for (kp, a), b in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(state["params"])):
+        name = ".".join(step_lib._path_names(kp))
+        if "indexer" in name:
+            assert np.array_equal(a, b), f"the LM loss reached {name}"
+        elif a.ndim > 1 and not name.endswith("moe.bias"):
+            assert not np.array_equal(a, b), name
+
+
+def test_clear_errors(params, tmp_path):
+    from dsjax.train import data, trainer
+
+    with pytest.raises(ValueError, match="stage='pretrain' is unknown"):
+        step_lib.TrainConfig(stage="pretrain")
+    with pytest.raises(ValueError, match="remat="):
+        step_lib.TrainConfig(remat="some")
+    with pytest.raises(ValueError, match="has none"):
+        step_lib.check_stage(dsjax.Config.preset("tiny-v3"), step_lib.TrainConfig(stage="indexer_warmup"))
+    dc = data.DataConfig(paths=(str(tmp_path / "x.jsonl"),), seq_len=4096, batch_size=2)
+    rc = trainer.RunConfig(train=TC, data=dc, tokenizer="t.json", steps=3, workdir=str(tmp_path), model=CFG)
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings=2048"):
+        trainer.validate(CFG, rc)
+    with pytest.raises(ValueError, match="multiple of grad_accum"):
+        trainer.validate(CFG, dataclasses.replace(rc, data=dataclasses.replace(dc, seq_len=32, batch_size=3),
+                                                  train=dataclasses.replace(TC, grad_accum=2)))
+    with pytest.raises(ValueError, match="float8|FP8"):
+        fp8 = {**params, "embed": params["embed"].astype(jnp.float8_e4m3fn)}
+        step_lib.trainable({"params": fp8}, TC)
