@@ -203,6 +203,8 @@ def validate(config: Config, rc: RunConfig) -> None:
 
 def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) -> RunResult:
     """Train for rc.steps optimizer steps (continuing a resumed run up to that total)."""
+    if rc.init_ckpt is None and rc.model is not None:  # fail fast, before initialising parameters
+        validate(rc.model.replace(**rc.model_options), rc)
     config, params = load_initial(rc)
     validate(config, rc)
     tokenizer = data_lib.load_tokenizer(rc.tokenizer) if isinstance(rc.tokenizer, str) else rc.tokenizer
