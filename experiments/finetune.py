@@ -31,7 +31,8 @@ flags.DEFINE_string("init_ckpt", None, "start from: a converted Orbax checkpoint
 flags.DEFINE_string("dtype", "bfloat16", "compute dtype")
 flags.DEFINE_string("param_dtype", "float32", "master-weight dtype (optimizer state follows it)")
 flags.DEFINE_integer("index_topk", None, "override the indexer top-k (small models, tests)")
-flags.DEFINE_integer("vocab_size", None, "override the preset's vocab_size (from-scratch runs with your tokenizer)")
+flags.DEFINE_integer("vocab_size", None, "override the preset's vocab_size (from-scratch runs with your tokenizer; "
+                     "ignored with --init_ckpt)")
 # stage / objective
 flags.DEFINE_enum("stage", "sft", ["sft", "indexer_warmup", "sparse"], "training stage (spec §10)")
 flags.DEFINE_float("mtp_weight", 0.1, "λ: weight of the MTP loss (0 disables MTP)")
@@ -115,10 +116,8 @@ def build_run_config():
     options = {"dtype": FLAGS.dtype, "param_dtype": FLAGS.param_dtype}
     if FLAGS.index_topk:
         options["index_topk"] = FLAGS.index_topk
-    if FLAGS.vocab_size:
-        if FLAGS.init_ckpt:
-            raise FlagError("--vocab_size applies to a new model (--config); a checkpoint fixes its vocabulary.")
-        options["vocab_size"] = FLAGS.vocab_size
+    if FLAGS.vocab_size and model is not None:
+        model = model.replace(vocab_size=FLAGS.vocab_size)
     total = FLAGS.schedule_steps or FLAGS.steps
     lora_cfg = None
     if FLAGS.lora_rank:

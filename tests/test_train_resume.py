@@ -162,3 +162,19 @@ def test_script_reports_bad_flags_clearly(files, tmp_path, args, needle):
     assert proc.returncode != 0
     assert needle in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_shipped_flagfiles_parse(finetune, monkeypatch):
+    """Every experiments/configs/*.flags file parses and builds a run config (from the repo root)."""
+    monkeypatch.chdir(ROOT)
+    cfg_dir = os.path.join(ROOT, "experiments", "configs")
+    names = sorted(n for n in os.listdir(cfg_dir) if n.endswith(".flags"))
+    assert "kjv_tiny.flags" in names
+    for name in names:
+        finetune.FLAGS.unparse_flags()
+        finetune.FLAGS(["finetune.py", f"--flagfile={os.path.join(cfg_dir, name)}"])
+        if finetune.FLAGS.data[0].startswith("/path/to"):  # templates for the real model: flags only
+            assert finetune.FLAGS.init_ckpt and finetune.FLAGS.mesh
+            continue
+        rc = finetune.build_run_config()
+        assert rc.data.seq_len > (rc.model or __import__("dsjax").Config.preset("tiny", index_topk=64)).index_topk
