@@ -61,6 +61,7 @@ def test_targets_and_merge_math(params):
 
 def test_lora_training_keeps_the_base_bit_identical(params):
     from test_train import fresh, make_batch
+    from train_util import leaf_pairs, run_steps
 
     cfg = lora.LoraConfig(rank=4, targets=("attn", "shared"))
     tc = step_lib.TrainConfig(lora=cfg, optim=schedule.OptimConfig(learning_rate=1e-2, warmup_steps=0,
@@ -70,13 +71,10 @@ def test_lora_training_keeps_the_base_bit_identical(params):
     state = step_lib.init_state(fresh(params), CFG, tc, jax.random.key(1), ad0)
     fn = step_lib.compiled_step(CFG, tc)
     batch = make_batch(seed=5)
-    ce = []
-    for _ in range(8):
-        state, m = fn(state, batch)
-        ce.append(float(m["ce"]))
+    state, ce = run_steps(fn, state, batch, 8, "ce")
     assert ce[-1] < ce[0] - 0.5, ce
-    for (kp, a), b in zip(jax.tree_util.tree_flatten_with_path(base)[0], jax.tree.leaves(state["params"])):
-        assert np.array_equal(a, np.asarray(b)), jax.tree_util.keystr(kp)  # incl. router biases and indexer
+    for name, a, b in leaf_pairs(base, state["params"]):
+        assert np.array_equal(a, b), name  # incl. router biases and indexer
     assert not np.array_equal(np.asarray(state["lora"]["moe"]["attn"]["wq_a"]["b"]), 0)
     # The optimizer holds state for the adapters only.
     n_opt = sum(x.size for x in jax.tree.leaves(state["opt_state"]) if x.ndim)

@@ -11,11 +11,14 @@ import pytest
 
 import dsjax
 from dsjax.train import losses, schedule, step as step_lib
+from train_util import leaf_pairs, run_steps
 
 CFG = dsjax.Config.preset("tiny", index_topk=8)  # rows of 32 tokens > 8: DSA prunes
 B, L = 4, 32
-TC = step_lib.TrainConfig(optim=schedule.OptimConfig(learning_rate=3e-3, warmup_steps=2, total_steps=40,
-                                                     weight_decay=0.01), bias_update_rate=1e-3)
+# The settings test_train_resume.py's finetune.py flags produce (same config, same batch shape): in one pytest
+# process both share a single compile of the step.
+TC = step_lib.TrainConfig(optim=schedule.OptimConfig(learning_rate=3e-3, warmup_steps=2, total_steps=1000),
+                          grad_accum=2, remat="full", bias_update_rate=1e-3)
 
 
 def make_batch(seed=0, b=B, length=L, n_docs=2):
@@ -91,8 +94,7 @@ def test_router_bias_moves_only_by_the_load_rule(overfit):
 
 def test_sft_leaves_indexer_untouched_and_trains_the_rest(overfit):
     p0, p1 = overfit["first"]["params"], overfit["last"]["params"]
-    for (kp, a), b in zip(jax.tree_util.tree_flatten_with_path(p0)[0], jax.tree.leaves(p1)):
-        name = ".".join(step_lib._path_names(kp))
+    for name, a, b in leaf_pairs(p0, p1):
         if "indexer" in name:
             assert np.array_equal(a, b), name
         elif not name.endswith("moe.bias") and a.ndim > 1:
@@ -149,8 +151,8 @@ def test_bias_update_balances_a_skewed_router():
 
 
 def test_grad_accumulation_equals_full_batch(params):
-    tc1 = TC  # shares the overfit test's compile
-    tc2 = dataclasses.replace(TC, grad_accum=2)
+    tc1 = dataclasses.replace(TC, grad_accum=1)
+    tc2 = TC  # 2 micro-batches; shares the overfit test's compile
     batch = make_batch(seed=7)
     batch["weights"][0, :5] = 0.0  # unequal token counts per micro-batch: normalisation must be global
     outs = []
@@ -161,10 +163,10 @@ def test_grad_accumulation_equals_full_batch(params):
     (p1, m1), (p2, m2) = outs
     for k in ("loss", "ce", "mtp", "balance", "grad_norm"):
         np.testing.assert_allclose(m1[k], m2[k], rtol=2e-5, err_msg=k)
-    for (kp, a), b in zip(jax.tree_util.tree_flatten_with_path(p1)[0], jax.tree.leaves(p2)):
+    for name, a, b in leaf_pairs(p1, p2):
         # A bias sits exactly on the ±γ boundary only if an expert's load is exactly 1/E in one run and
         # not in the other (last-bit differences of the load average); allow that one step.
-        tol = 1.01 * TC.bias_update_rate if step_lib._is_router_bias(step_lib._path_names(kp)) else 2e-6
+        tol = 1.01 * TC.bias_update_rate if name.endswith("moe.bias") else 2e-6
         np.testing.assert_allclose(a, b, atol=tol)
 
 
@@ -189,14 +191,10 @@ def test_indexer_warmup_lowers_kl_and_changes_only_the_indexer(params):
     state = step_lib.init_state(fresh(params), CFG, tc, jax.random.key(1))
     fn = step_lib.compiled_step(CFG, tc)
     batch = make_batch(seed=9)
-    kls = []
-    for _ in range(15):
-        state, m = fn(state, batch)
-        kls.append(float(m["indexer_kl"]))
+    state, kls = run_steps(fn, state, batch, 15, "indexer_kl")
     assert kls[-1] < 0.8 * kls[0], kls
     changed = []
-    for (kp, a), b in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(state["params"])):
-        name = ".".join(step_lib._path_names(kp))
+    for name, a, b in leaf_pairs(params, state["params"]):
         if "indexer" in name:
             changed.append(not np.array_equal(a, b))
         else:
@@ -215,8 +213,7 @@ def test_sparse_stage_detaches_the_indexer(params):
     state = step_lib.init_state(fresh(params), CFG, tc, jax.random.key(1))
     state, m = step_lib.compiled_step(CFG, tc)(state, make_batch(seed=4))
     assert np.isfinite(float(m["indexer_kl"])) and float(m["indexer_kl"]) > 0
-    for (kp, a), b in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(state["params"])):
-        name = ".".join(step_lib._path_names(kp))
+    for name, a, b in leaf_pairs(params, state["params"]):
         if "indexer" in name:
             assert np.array_equal(a, b), f"the LM loss reached {name}"
         elif a.ndim > 1 and not name.endswith("moe.bias"):

@@ -60,3 +60,20 @@ def write_array_record(path: str, records: list[bytes]) -> str:
 
 def tmpfile(d, name: str) -> str:
     return os.path.join(str(d), name)
+
+
+def leaf_pairs(before, after):
+    """[(dotted path, before leaf, after leaf)] of two params trees with the same structure."""
+    import jax
+
+    return [(".".join(str(getattr(k, "key", k)) for k in kp), np.asarray(a), np.asarray(b))
+            for (kp, a), b in zip(jax.tree_util.tree_flatten_with_path(before)[0], jax.tree.leaves(after))]
+
+
+def run_steps(fn, state, batch, n: int, metric: str):
+    """n applications of a compiled train step; returns (state, [float(metrics[metric]) per step])."""
+    values = []
+    for _ in range(n):
+        state, m = fn(state, batch)
+        values.append(float(m[metric]))
+    return state, values

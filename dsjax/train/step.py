@@ -139,8 +139,16 @@ def init_state(params: Any, config: Config, tc: TrainConfig, rng: jax.Array,
         raise ValueError("pass LoRA adapters exactly when TrainConfig.lora is set.")
     variables = {"params": params} if adapters is None else {"params": params, "lora": adapters}
     opt_state = make_optimizer(tc.optim).init(trainable(variables, tc))
-    return {"step": jnp.zeros((), jnp.int32), **variables, "opt_state": opt_state,
-            "rng": jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng}
+    state = {"step": jnp.zeros((), jnp.int32), **variables, "opt_state": opt_state,
+             "rng": jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng}
+    return jax.tree.map(_commit, state)
+
+
+def _commit(x: jax.Array) -> jax.Array:
+    """Commit a single-device array to its device (no copy). Restored checkpoints are committed, and jit
+    compiles separately for committed and uncommitted inputs: committing here keeps one compile per run."""
+    x = jnp.asarray(x)
+    return jax.device_put(x, x.sharding) if len(x.sharding.device_set) == 1 else x
 
 
 # ------------------------------------------------------------------------------------------ loss
