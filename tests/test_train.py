@@ -239,3 +239,63 @@ def test_clear_errors(params, tmp_path):
     with pytest.raises(ValueError, match="float8|FP8"):
         fp8 = {**params, "embed": params["embed"].astype(jnp.float8_e4m3fn)}
         step_lib.trainable({"params": fp8}, TC)
+
+
+def test_gradients_match_hf_transformers(hf_v32, tmp_path):
+    """The training objective's gradients equal HF transformers' autograd on the same weights and tokens
+    (fp32, a sequence longer than index_topk so DSA prunes). HF's gradients are written into a copy of the
+    model and read back with the checkpoint loader, which maps them onto the dsjax params tree."""
+    import copy
+
+    import torch
+
+    import checkpoints
+
+    model, path = hf_v32
+    cfg, params = checkpoints.load_hf(path)
+    b, length = 2, 40
+    assert length > cfg.index_topk
+    x = np.random.default_rng(1).integers(0, cfg.vocab_size, (b, length))
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=torch.as_tensor(x), labels=torch.as_tensor(x)).loss  # mean CE of x[1:] given x[:-1]
+    loss.backward()
+    grads_model = copy.deepcopy(model)  # (deepcopy drops .grad: copy the gradients over by position)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), grads_model.parameters()):
+            q.copy_(p.grad if p.grad is not None else torch.zeros_like(p))
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, buf in grads_model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.zero_()  # used only to select experts: no gradient
+    grads_model.save_pretrained(str(tmp_path), safe_serialization=True)
+    _, hf_grads = checkpoints.load_hf(str(tmp_path))
+
+    tc = step_lib.TrainConfig(mtp_weight=0.0, balance_alpha=0.0, remat=None)
+    batch = {"tokens": x, "targets": np.concatenate([x[:, 1:], x[:, :1]], 1), "segment_ids": np.ones_like(x),
+             "weights": np.concatenate([np.ones((b, length - 1)), np.zeros((b, 1))], 1).astype(np.float32),
+             "positions": np.broadcast_to(np.arange(length), (b, length))}
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    variables = {"params": params}
+    train = step_lib.trainable(variables, tc)
+    denom = {"tokens": jnp.sum(batch["weights"]), "mtp_tokens": 1.0}
+    ours, (terms, _) = step_lib._loss(train, variables, batch, denom, cfg, tc)
+    np.testing.assert_allclose(float(ours), float(loss.detach()), rtol=1e-5)
+    g = jax.grad(lambda tr: step_lib._loss(tr, variables, batch, denom, cfg, tc)[0])(train)["params"]
+    compared = 0
+    for (name, want, _), got in zip(leaf_pairs(hf_grads, hf_grads), _flat_like(g, hf_grads)):
+        if got is None:  # not trained in sft: the router biases and the indexer (HF: no gradient either)
+            assert np.abs(want).max() == 0 or "indexer" in name, name
+            continue
+        scale = max(np.abs(want).max(), 1e-8)
+        assert np.abs(got - want).max() <= 5e-5 * scale, (name, np.abs(got - want).max(), scale)
+        compared += 1
+    assert compared > 20
+
+
+def _flat_like(tree, like):
+    """Leaves of `tree` in the order of `like`'s leaves (None where `tree` lacks that path)."""
+    flat = {tuple(str(getattr(k, "key", k)) for k in kp): np.asarray(v)
+            for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return [flat.get(tuple(str(getattr(k, "key", k)) for k in kp))
+            for kp, _ in jax.tree_util.tree_flatten_with_path(like)[0]]

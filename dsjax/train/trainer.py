@@ -50,7 +50,7 @@ class RunConfig:
     mesh: Any = None
     export_hf: str | None = None
     progress: bool = True
-    time_limit_s: float | None = None  # stop (and save) after the step that crosses this wall-clock budget
+    time_limit_s: float | None = None  # stop (and save) after the step that crosses this budget (from run())
 
 
 @dataclasses.dataclass
@@ -203,6 +203,7 @@ def validate(config: Config, rc: RunConfig) -> None:
 
 def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) -> RunResult:
     """Train for rc.steps optimizer steps (continuing a resumed run up to that total)."""
+    t_start = time.perf_counter()  # the time limit covers set-up and compilation too
     if rc.init_ckpt is None and rc.model is not None:  # fail fast, before initialising parameters
         validate(rc.model.replace(**rc.model_options), rc)
     config, params = load_initial(rc)
@@ -237,7 +238,6 @@ def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) ->
     writer = metrics_lib.ScalarWriter(paths["tensorboard"]) if jax.process_index() == 0 else None
     log = metrics_lib.MetricsLog(paths["metrics"]) if jax.process_index() == 0 else None
     preempted = stopped = False
-    t_start = time.perf_counter()
     bar = None
     if rc.progress and jax.process_index() == 0:
         from tqdm.auto import tqdm
