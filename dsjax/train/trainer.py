@@ -129,14 +129,17 @@ def place_state(state: Any, config: Config, mesh: Any) -> Any:
     from jax.sharding import NamedSharding, PartitionSpec
 
     params = sharding.shard_params(state["params"], config, mesh)
-    by_path = {tuple(str(k.key) for k in kp): x.sharding
-               for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    by_path = {tuple(str(k.key) for k in kp): x.sharding for kp, x in flat}
+    by_shape = {tuple(str(k.key) for k in kp): x.shape for kp, x in flat}
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def one(kp, x):
+        # An optimizer moment's path is (opt_state, <optax nesting>, "params", <the param's path>).
         names = tuple(str(k.key) for k in kp if isinstance(k, jax.tree_util.DictKey))
-        s = by_path.get(names[1:]) if names[:1] == ("params",) else None
-        return jax.device_put(x, s if s is not None and s.shard_shape(x.shape) else replicated)
+        s = by_path.get(names[names.index("params") + 1:]) if "params" in names else None
+        return jax.device_put(x, s if s is not None and x.shape == by_shape[names[names.index("params") + 1:]]
+                              else replicated)
 
     rest = {k: v for k, v in state.items() if k != "params"}
     return {**jax.tree_util.tree_map_with_path(one, rest), "params": params}
