@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from checkpoints.hf_names import SCALE_SUFFIX, Target, get_spec, hf_shape, hf_table, matrix_shape, to_dsjax
+from checkpoints.hf_names import SCALE_SUFFIX, Target, block_shape, get_spec, hf_shape, hf_table, to_dsjax, transpose
 from checkpoints.safetensors_io import CheckpointError, CheckpointReader
 from dsjax import fp8
 from dsjax.config import Config
@@ -85,19 +85,37 @@ def check_checkpoint(reader: CheckpointReader, config: Config) -> dict[str, tupl
     return plan
 
 
+def read_scale(reader: CheckpointReader, name: str, config: Config, rows: tuple[int, int] | None = None
+               ) -> np.ndarray:
+    """fp32 `weight_scale_inv` grid of an FP8 tensor (HF orientation), or the part covering HF rows [r0, r1)."""
+    blk = config.fp8_weight_block or fp8.BLOCK
+    srows = None
+    if rows is not None:
+        if rows[0] % blk:
+            raise ValueError(f"FP8 row block {rows} of {name} does not start on a {blk}-row scale block.")
+        srows = (rows[0] // blk, -(-rows[1] // blk))
+    return reader.read(name + SCALE_SUFFIX, srows).astype(np.float32)
+
+
 def read_matrix(reader: CheckpointReader, name: str, t: Target, spec: ParamSpec, config: Config,
-                dtype: np.dtype, keep_fp8: bool = False) -> Any:
-    """One HF tensor as a dsjax matrix (logical shape, `dtype`), or an FP8 leaf {qweight, scale}."""
-    a = reader.read(name)
-    shape = matrix_shape(spec, t)
+                dtype: np.dtype, keep_fp8: bool = False, rows: tuple[int, int] | None = None) -> Any:
+    """One HF tensor as a dsjax matrix (logical shape, `dtype`), or an FP8 leaf {qweight, scale}.
+
+    rows: only HF rows [r0, r1) (a block of a linear's outputs, or of the embedding's rows; see
+    `hf_names.row_block_slices`), so that huge tensors can be streamed. FP8 blocks must start on a
+    scale-block boundary. An FP8 leaf keeps each matrix 2-D as [in, out] with its transposed scale grid.
+    """
+    a = reader.read(name, rows)
     blk = config.fp8_weight_block or fp8.BLOCK
     if a.dtype == np.dtype(fp8.E4M3):
-        s = reader.read(name + SCALE_SUFFIX).astype(np.float32)
+        s = read_scale(reader, name, config, rows)
         if keep_fp8:
             # Stored 2-D [in, out] so the transposed block grid still indexes it; see layers.weight.
-            return {"qweight": np.ascontiguousarray(a.T), "scale": np.ascontiguousarray(s.T)}
-        a = fp8.dequantize_weight_np(a, s, blk)
-    return to_dsjax(a.astype(np.float32) if a.dtype != dtype else a, t, shape).astype(dtype)
+            return {"qweight": transpose(a), "scale": transpose(s)}
+        a = fp8.dequantize_weight_host(a, s, blk, dtype)
+    if a.dtype != dtype:  # through fp32: exact for every source dtype, one rounding to `dtype`
+        a = a.astype(np.float32, copy=False).astype(dtype, copy=False)
+    return to_dsjax(a, t, block_shape(spec, t, rows))
 
 
 def load_params(reader: CheckpointReader, config: Config) -> Any:

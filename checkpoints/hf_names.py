@@ -113,6 +113,11 @@ def hf_table(config: Config) -> dict[str, Target]:
     return t
 
 
+def fp8_quantization_config(block: int) -> dict[str, Any]:
+    """The `quantization_config` of the official block-FP8 checkpoints' config.json."""
+    return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [block, block]}
+
+
 def get_spec(specs: Any, path: tuple[str, ...]) -> ParamSpec:
     node = specs
     for k in path:
@@ -134,10 +139,29 @@ def hf_shape(spec: ParamSpec, t: Target) -> tuple[int, ...]:
     return m
 
 
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def transpose(a: np.ndarray, tile: int = 128) -> np.ndarray:
+    """Contiguous transpose of a 2-D array, tile by tile.
+
+    numpy's own strided copy of a large transpose misses the cache on every element (~4x slower on a
+    7168 x 2048 expert matrix); tiles keep both sides in cache. Bits are moved as unsigned ints, which
+    also sidesteps the slow generic copy of ml_dtypes (bf16, fp8).
+    """
+    r, c = a.shape
+    src = a.view(_UINT[a.dtype.itemsize]) if a.dtype.itemsize in _UINT else a
+    out = np.empty((c, r), src.dtype)
+    for i in range(0, r, tile):
+        for j in range(0, c, tile):
+            out[j:j + tile, i:i + tile] = src[i:i + tile, j:j + tile].T
+    return out.view(a.dtype)
+
+
 def to_dsjax(a: np.ndarray, t: Target, shape: tuple[int, ...]) -> np.ndarray:
     """HF tensor -> dsjax matrix: transpose linears to [in, out], then view in the logical shape."""
     if t.linear:
-        a = a.T
+        a = transpose(a)
     return np.ascontiguousarray(a).reshape(shape)
 
 
@@ -145,8 +169,45 @@ def to_hf(a: np.ndarray, t: Target) -> np.ndarray:
     """dsjax matrix (logical shape) -> HF tensor."""
     if t.linear:
         m = a.shape
-        a = a.reshape(math.prod(m[: t.n_in]), math.prod(m[t.n_in:])).T
+        a = transpose(np.ascontiguousarray(a).reshape(math.prod(m[: t.n_in]), math.prod(m[t.n_in:])))
     return np.ascontiguousarray(a)
+
+
+def row_block_slices(spec: ParamSpec, t: Target, rows: tuple[int, int] | None) -> tuple[slice, ...] | None:
+    """Where HF rows [r0, r1) of a target land in its dsjax matrix, as one slice per matrix dim.
+
+    HF rows are a linear's outputs (dsjax columns) or the embedding's rows. Returns None when the block
+    is not one rectangular slice (a linear whose output is viewed as several logical dims, e.g. wq_b
+    [Rq, H, dn+dr]); such tensors are read whole. rows=None: the whole matrix.
+    """
+    m = matrix_shape(spec, t)
+    full = tuple(slice(None) for _ in m)
+    if rows is None:
+        return full
+    if t.linear and len(m) - t.n_in == 1:
+        return full[:-1] + (slice(*rows),)
+    if not t.linear and len(m) == 2:
+        return (slice(*rows),) + full[1:]
+    return None
+
+
+def row_blocks(rows: int, cols: int, bytes_per_elem: int, block_bytes: int, align: int = 1
+               ) -> list[tuple[int, int] | None]:
+    """Split a [rows, cols] HF tensor into row ranges of at most ~block_bytes (starts aligned to `align`,
+    e.g. the FP8 scale block), or [None]: one block, the whole tensor."""
+    if rows * cols * bytes_per_elem <= block_bytes:
+        return [None]
+    rb = max(align, (block_bytes // (cols * bytes_per_elem)) // align * align)
+    return [(r, min(rows, r + rb)) for r in range(0, rows, rb)]
+
+
+def block_shape(spec: ParamSpec, t: Target, rows: tuple[int, int] | None) -> tuple[int, ...]:
+    """Logical shape of the dsjax matrix block holding HF rows [r0, r1) (the whole matrix if rows is None)."""
+    m = matrix_shape(spec, t)
+    sl = row_block_slices(spec, t, rows)
+    if sl is None:
+        raise ValueError(f"HF rows of {t.path} do not map to one block of its dsjax matrix {list(m)}.")
+    return tuple(len(range(*s.indices(d))) for s, d in zip(sl, m))
 
 
 def iter_targets(config: Config) -> Iterator[tuple[str, Target, ParamSpec]]:

@@ -81,8 +81,15 @@ class SafetensorsFile:
         _, _, s, e = self._info[name]
         return e - s
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor, or only rows [r0, r1) of its leading axis (one contiguous byte range)."""
         dt, shape, start, end = self._info[name]
+        if rows is not None:
+            r0, r1 = rows
+            if not 0 <= r0 <= r1 <= shape[0]:
+                raise ValueError(f"rows {rows} out of range for {name!r} with shape {list(shape)}.")
+            row_bytes = math.prod(shape[1:]) * dt.itemsize
+            start, end, shape = start + r0 * row_bytes, start + r1 * row_bytes, (r1 - r0,) + shape[1:]
         fd = os.open(self.path, os.O_RDONLY)
         try:
             buf = bytearray(end - start)
@@ -152,43 +159,94 @@ class CheckpointReader:
     def nbytes(self, name: str) -> int:
         return self._file(self._where[name]).nbytes(name)
 
-    def read(self, name: str) -> np.ndarray:
-        return self._file(self._where[name]).read(name)
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """One tensor (or rows [r0, r1) of it), read with pread: nothing else is loaded."""
+        return self._file(self._where[name]).read(name, rows)
+
+    def files(self) -> list[str]:
+        """The .safetensors files of the checkpoint (absolute paths)."""
+        return [os.path.join(self.dir, f) for f in sorted(set(self._where.values()))]
 
     def file_of(self, name: str) -> str:
         return os.path.join(self.dir, self._where[name])
 
 
+class SafetensorsWriter:
+    """Writes one .safetensors file tensor by tensor, so only one tensor is in memory at a time.
+
+    The header is planned up front from `entries` [(name, dtype, shape)]; `write` must then be called
+    for each entry in that order, with the whole tensor or with consecutive blocks of its leading rows.
+    The file appears at `path` only after `close()` (temp file in the same folder, fsync, rename); an
+    exception inside the `with` block removes the temp file.
+    """
+
+    def __init__(self, path: str | os.PathLike, entries: Iterable[tuple[str, np.dtype, tuple[int, ...]]],
+                 metadata: Mapping[str, str] | None = None):
+        self.path = os.fspath(path)
+        header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        self._order: list[tuple[str, np.dtype, tuple[int, ...]]] = []
+        offset = 0
+        for name, dt, shape in entries:
+            dt = np.dtype(dt)
+            if dt not in _NAMES:
+                raise CheckpointError(f"cannot write {name!r}: dtype {dt} has no safetensors name.")
+            n = math.prod(shape) * dt.itemsize
+            header[name] = {"dtype": _NAMES[dt], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+            self._order.append((name, dt, tuple(shape)))
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        hb += b" " * (-len(hb) % 8)
+        fd, self._tmp = tempfile.mkstemp(dir=os.path.dirname(self.path) or ".", prefix=".tmp-",
+                                         suffix=".safetensors")
+        self._f = os.fdopen(fd, "wb")
+        self._f.write(struct.pack("<Q", len(hb)))
+        self._f.write(hb)
+        self._next, self._row = 0, 0
+
+    def write(self, name: str, a: np.ndarray) -> None:
+        """Write the next tensor, whole or as its next block of leading rows."""
+        if self._next >= len(self._order):
+            raise CheckpointError(f"{self.path}: all {len(self._order)} planned tensors are already written.")
+        want_name, dt, shape = self._order[self._next]
+        rows_left = shape[0] - self._row if shape else 1
+        ok_rows = a.shape == shape if not shape else (a.ndim == len(shape) and a.shape[0] <= rows_left)
+        if name != want_name or a.dtype != dt or tuple(a.shape[1:]) != shape[1:] or not ok_rows:
+            raise CheckpointError(f"{self.path}: expected {want_name!r} {dt} {list(shape)} (rows from "
+                                  f"{self._row}) next, got {name!r} {a.dtype} {list(a.shape)}.")
+        self._f.write(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)))
+        self._row += a.shape[0] if shape else 1
+        if not shape or self._row == shape[0]:
+            self._next, self._row = self._next + 1, 0
+
+    def close(self) -> None:
+        if self._next != len(self._order):
+            raise CheckpointError(f"{self.path}: only {self._next} of {len(self._order)} tensors were written.")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        self._f.close()
+        if os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
 def write_file(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
                ) -> None:
     """Write a .safetensors file atomically (temp file in the same folder, fsync, rename)."""
-    path = os.fspath(path)
-    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    arrays = []
-    for name, a in tensors.items():
-        a = np.ascontiguousarray(a)
-        if a.dtype not in _NAMES:
-            raise CheckpointError(f"cannot write {name!r}: dtype {a.dtype} has no safetensors name.")
-        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-        arrays.append(a)
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".safetensors")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(hb)))
-            f.write(hb)
-            for a in arrays:
-                f.write(memoryview(a.reshape(-1).view(np.uint8)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with SafetensorsWriter(path, [(k, a.dtype, a.shape) for k, a in tensors.items()], metadata) as w:
+        for k, a in tensors.items():
+            w.write(k, a)
 
 
 def iter_sizes(reader: CheckpointReader, names: Iterable[str]) -> int:

@@ -13,13 +13,14 @@ Which keys a query sees:
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+import contextvars
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 import pallas_kernels
-from dsjax import indexer
+from dsjax import indexer, indexer_loss as indexer_loss_lib
 from dsjax.config import Config
 from dsjax.layers import dense, rms_norm, weight
 from dsjax.rope import rope_halfsplit, rope_interleaved
@@ -67,9 +68,16 @@ def project(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array,
     w_uk = weight(p["wkv_b"], (r, h, dn + c.v_head_dim), x.dtype)[..., :dn]
     q_abs = jnp.einsum("bthd,rhd->bthr", q_nope, w_uk, preferred_element_type=jnp.float32).astype(x.dtype)
     iq = iw = ik = None
-    if c.has_indexer:
-        iq, iw, ik = indexer.project(p["indexer"], x, cq, cos, sin, c)
+    if c.has_indexer:  # detached (spec §10.2): the indexer is trained only by its own KL loss
+        sg = jax.lax.stop_gradient
+        iq, iw, ik = indexer.project(p["indexer"], sg(x), sg(cq), cos, sin, c)
     return Queries(q_abs, q_pe, iq, iw), Latents(latent, k_pe, ik)
+
+
+# Set by `sharding` while it traces a forward pass on a mesh: called as
+# hook(attend_local, q, kv, config, **kw); it runs `attend_local` per shard (context parallelism).
+ATTEND_HOOK: contextvars.ContextVar[Callable[..., jax.Array] | None] = contextvars.ContextVar(
+    "dsjax_attend_hook", default=None)
 
 
 def attend(q: Queries, kv: Latents, config: Config, *, q_positions: jax.Array, k_positions: jax.Array,
@@ -78,7 +86,19 @@ def attend(q: Queries, kv: Latents, config: Config, *, q_positions: jax.Array, k
 
     Positions decide causality (k_pos <= q_pos; padding keys have k_pos = -1); segment ids keep packed
     documents apart. The indexer runs only when it can prune: more keys than `index_topk`.
+    Under `sharding` on a mesh, the hook runs `attend_local` per device (sequence-parallel DSA).
     """
+    kw = dict(q_positions=q_positions, k_positions=k_positions, q_segment_ids=q_segment_ids,
+              k_segment_ids=k_segment_ids)
+    hook = ATTEND_HOOK.get()
+    if hook is not None:
+        return hook(attend_local, q, kv, config, **kw)
+    return attend_local(q, kv, config, **kw)
+
+
+def attend_local(q: Queries, kv: Latents, config: Config, *, q_positions: jax.Array, k_positions: jax.Array,
+                 q_segment_ids: jax.Array | None = None, k_segment_ids: jax.Array | None = None) -> jax.Array:
+    """`attend` on arrays that are all on one device (or one shard): indexer top-k, then sparse/dense MLA."""
     c = config
     n_keys = kv.kv.shape[1]
     if c.has_indexer and n_keys > c.index_topk:
@@ -102,20 +122,49 @@ def output(p: Mapping[str, Any], o_lat: jax.Array, config: Config) -> jax.Array:
     return jnp.einsum("bthv,hvd->btd", o, wo, preferred_element_type=jnp.float32).astype(o.dtype)
 
 
+def _attend_with_indexer_loss(q: Queries, kv: Latents, config: Config, mode: str, *, positions: jax.Array,
+                              segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Training-time attention plus the indexer's KL loss (spec §10) -> (o_lat, f32 loss).
+
+    "dense_warmup": dense causal attention for every query, KL over all causal keys. "sparse": DSA top-k
+    attention as in `attend`, KL over the selected keys (all causal keys when they fit in the top-k).
+    """
+    c = config
+    vis = dict(q_positions=positions, k_positions=positions, q_segment_ids=segment_ids,
+               k_segment_ids=segment_ids)
+    ind = (q.index_q, q.index_w, kv.index_k)
+    tgt = (q.q_abs, q.q_pe, kv.kv, kv.k_pe)
+    if mode == "sparse" and kv.kv.shape[1] > c.index_topk:
+        idx = indexer.select(*ind, config=c, **vis)
+        o_lat, lse = pallas_kernels.sparse_mla_with_lse(*tgt, idx, scale=c.softmax_scale,
+                                                        backend=c.attention_backend, interpret=c.kernel_interpret)
+        return o_lat, indexer_loss_lib.sparse_kl(*ind, *tgt, idx, lse=lse, scale=c.softmax_scale)
+    o_lat = pallas_kernels.dense_mla(*tgt, scale=c.softmax_scale, backend=c.attention_backend,
+                                     interpret=c.kernel_interpret, **vis)
+    return o_lat, indexer_loss_lib.dense_kl(*ind, *tgt, scale=c.softmax_scale, **vis)
+
+
 def mla(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array, config: Config, *,
-        positions: jax.Array, segment_ids: jax.Array | None = None,
-        cache: Latents | None = None) -> tuple[jax.Array, Latents | None]:
-    """MLA (+ DSA) self-attention of new tokens x [B, T, D] -> ([B, T, D], updated cache).
+        positions: jax.Array, segment_ids: jax.Array | None = None, cache: Latents | None = None,
+        indexer_loss: str | None = None) -> tuple[jax.Array, Latents | None, jax.Array | None]:
+    """MLA (+ DSA) self-attention of new tokens x [B, T, D] -> ([B, T, D], updated cache, indexer loss).
 
     Without a cache the tokens attend to each other (training, one-shot prefill). With a cache (leaves
     [B, S_max, .], slot index = position) their latents are written at `positions` first and the
     queries attend over the whole cache; slots past a query's position are invisible by causality.
+    indexer_loss (static, training without a cache): None, "dense_warmup" or "sparse" adds the indexer's
+    KL loss (f32 scalar; else None), see `_attend_with_indexer_loss`.
     """
     q, kv = project(p, x, cos, sin, config)
+    if indexer_loss is not None:
+        indexer_loss_lib.check_mode(indexer_loss, config, has_cache=cache is not None)
+        o_lat, loss = _attend_with_indexer_loss(q, kv, config, indexer_loss, positions=positions,
+                                                segment_ids=segment_ids)
+        return output(p, o_lat, config), None, loss
     if cache is None:
         o_lat = attend(q, kv, config, q_positions=positions, k_positions=positions,
                        q_segment_ids=segment_ids, k_segment_ids=segment_ids)
-        return output(p, o_lat, config), None
+        return output(p, o_lat, config), None, None
     if segment_ids is not None:
         raise ValueError("segment_ids (packed rows) are not supported together with a KV cache.")
     from dsjax import cache as cache_lib  # cache.py builds on this module's Latents
@@ -124,4 +173,4 @@ def mla(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array, conf
     b, s = cache.kv.shape[:2]
     k_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     o_lat = attend(q, cache_lib.read(cache), config, q_positions=positions, k_positions=k_positions)
-    return output(p, o_lat, config), cache
+    return output(p, o_lat, config), cache, None

@@ -36,6 +36,23 @@ def dequantize_weight_np(q: np.ndarray, scale: np.ndarray, block: int = BLOCK) -
     return q.astype(np.float32) * s
 
 
+_E4M3_TO_F32 = np.arange(256, dtype=np.uint8).view(E4M3).astype(np.float32)  # every e4m3 bit pattern
+
+
+def dequantize_weight_host(q: np.ndarray, scale: np.ndarray, block: int = BLOCK, dtype=np.float32) -> np.ndarray:
+    """Same result as `dequantize_weight_np`, ~4x faster and with one full-size fp32 temporary, for
+    checkpoint conversion: e4m3 decoded by a 256-entry table, each block row scaled in place.
+
+    q: e4m3 [R, C]; scale: [ceil(R/b), ceil(C/b)] -> `dtype` [R, C].
+    """
+    w = _E4M3_TO_F32[np.asarray(q).view(np.uint8)]
+    cols = w.shape[1]
+    scale = np.asarray(scale, np.float32)
+    for i in range(scale.shape[0]):
+        w[i * block:(i + 1) * block] *= np.repeat(scale[i], block)[:cols]
+    return w.astype(dtype, copy=False)
+
+
 def quantize_weight(w: np.ndarray, block: int = BLOCK, pow2_scales: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Host-side block quantisation of a 2-D weight [R, C] into (e4m3 [R, C], fp32 scales [ceil(R/b), ceil(C/b)]).
 

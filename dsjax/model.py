@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax import attention, moe as moe_lib
+from dsjax import attention, indexer_loss as indexer_loss_lib, moe as moe_lib
 from dsjax.config import Config
 from dsjax.layers import add_rms_norm, dense_fp32, rms_norm, swiglu, weight
 from dsjax.rope import cos_sin
@@ -31,6 +31,7 @@ class Aux(NamedTuple):
     moe_load: jax.Array | None  # f32 [L_moe, B, E] routed-slot fraction per expert, per layer and sequence
     moe_score: jax.Array | None  # f32 [L_moe, B, E] mean normalised affinity per expert
     cache: dict[str, Any] | None = None  # updated KV cache {"dense": Latents, "moe": Latents} (leading layer axis)
+    indexer_loss: jax.Array | None = None  # f32 [] indexer KL loss averaged over layers (when requested)
 
 
 def embed(params: Params, tokens: jax.Array, config: Config) -> jax.Array:
@@ -40,35 +41,36 @@ def embed(params: Params, tokens: jax.Array, config: Config) -> jax.Array:
 
 def block(p: Params, carry: tuple[jax.Array, jax.Array], cos: jax.Array, sin: jax.Array, config: Config, *,
           positions: jax.Array, segment_ids: jax.Array | None, is_moe: bool,
-          cache: attention.Latents | None = None):
-    """One decoder layer on the (h, resid) carry -> (new carry, MoE stats or None, updated cache or None)."""
+          cache: attention.Latents | None = None, indexer_loss: str | None = None):
+    """One decoder layer on the (h, resid) carry -> (new carry, MoE stats or None, updated cache or None,
+    indexer KL loss or None)."""
     h, resid = carry
     eps = config.rms_norm_eps
     x, resid = add_rms_norm(h, resid, p["attn_norm"], eps)
-    a, cache = attention.mla(p["attn"], x, cos, sin, config, positions=positions, segment_ids=segment_ids,
-                             cache=cache)
+    a, cache, iloss = attention.mla(p["attn"], x, cos, sin, config, positions=positions,
+                                    segment_ids=segment_ids, cache=cache, indexer_loss=indexer_loss)
     x, resid = add_rms_norm(a, resid, p["mlp_norm"], eps)
     if is_moe:
         f, stats = moe_lib.moe(p["moe"], x, config)
     else:
         f, stats = swiglu(x, p["mlp"]), None
-    return (f, resid), stats, cache
+    return (f, resid), stats, cache, iloss
 
 
 def _stack(stack: Params, carry, cos, sin, config: Config, *, positions, segment_ids, is_moe: bool,
-           remat: str | None, cache: attention.Latents | None):
+           remat: str | None, cache: attention.Latents | None, indexer_loss: str | None = None):
     fn = functools.partial(block, cos=cos, sin=sin, config=config, positions=positions,
-                           segment_ids=segment_ids, is_moe=is_moe)
+                           segment_ids=segment_ids, is_moe=is_moe, indexer_loss=indexer_loss)
     if remat is not None:
         fn = jax.checkpoint(fn, policy=remat_policy(remat))
 
     def step(c, xs):
         p, layer_cache = xs
-        c, stats, layer_cache = fn(p, c, cache=layer_cache)
-        return c, (stats, layer_cache)
+        c, stats, layer_cache, iloss = fn(p, c, cache=layer_cache)
+        return c, (stats, layer_cache, iloss)
 
-    carry, (stats, cache) = jax.lax.scan(step, carry, (stack, cache))
-    return carry, stats, cache
+    carry, (stats, cache, iloss) = jax.lax.scan(step, carry, (stack, cache))
+    return carry, stats, cache, iloss
 
 
 def remat_policy(name: str):
@@ -91,36 +93,43 @@ def default_positions(tokens: jax.Array) -> jax.Array:
 
 def forward_hidden(params: Params, tokens: jax.Array, config: Config, *, positions: jax.Array | None = None,
                    segment_ids: jax.Array | None = None, remat: str | None = None,
-                   cache: Mapping[str, attention.Latents] | None = None) -> Aux:
+                   cache: Mapping[str, attention.Latents] | None = None, indexer_loss: str | None = None) -> Aux:
     """Run the decoder stacks; returns the final-normed hidden state and routing statistics.
 
     tokens: int32 [B, L]; positions: int32 [B, L] (default arange; RoPE angle and causal order);
     segment_ids: int32 [B, L] for packed rows (attention and the indexer never cross segments).
     cache: optional {"dense": Latents, "moe": Latents} with leaves [L_stack, B, S_max, .]; the new tokens'
     latents are written at `positions` and attention reads the whole cache (prefill / decode).
+    indexer_loss (static): "dense_warmup" or "sparse" computes the indexer KL loss of every layer
+    (`dsjax.indexer_loss`; stage-1 attention is then dense) into `Aux.indexer_loss`.
     """
     c = config
+    indexer_loss_lib.check_mode(indexer_loss, c, has_cache=cache is not None)
     positions = default_positions(tokens) if positions is None else positions.astype(jnp.int32)
     cos, sin = cos_sin(c, positions)
     h = embed(params, tokens, c)
     carry = (h, jnp.zeros_like(h))  # zero residual: layer 0's fused norm then sees h exactly
-    kw = dict(positions=positions, segment_ids=segment_ids, remat=remat)
+    kw = dict(positions=positions, segment_ids=segment_ids, remat=remat, indexer_loss=indexer_loss)
     new_cache = {} if cache is not None else None
+    ilosses = []
     if c.n_dense_layers:
-        carry, _, lc = _stack(params["dense"], carry, cos, sin, c, is_moe=False,
-                              cache=None if cache is None else cache["dense"], **kw)
+        carry, _, lc, il = _stack(params["dense"], carry, cos, sin, c, is_moe=False,
+                                  cache=None if cache is None else cache["dense"], **kw)
+        ilosses.append(il)
         if cache is not None:
             new_cache["dense"] = lc
     load = score = None
     if c.n_moe_layers:
-        carry, stats, lc = _stack(params["moe"], carry, cos, sin, c, is_moe=True,
-                                  cache=None if cache is None else cache["moe"], **kw)
+        carry, stats, lc, il = _stack(params["moe"], carry, cos, sin, c, is_moe=True,
+                                      cache=None if cache is None else cache["moe"], **kw)
+        ilosses.append(il)
         load, score = stats.load, stats.mean_score
         if cache is not None:
             new_cache["moe"] = lc
     f, resid = carry
     hidden, _ = add_rms_norm(f, resid, params["final_norm"], c.rms_norm_eps)
-    return Aux(hidden, load, score, new_cache)
+    iloss = None if indexer_loss is None else jnp.mean(jnp.concatenate(ilosses))
+    return Aux(hidden, load, score, new_cache, iloss)
 
 
 def lm_head(params: Params, hidden: jax.Array) -> jax.Array:
@@ -129,9 +138,12 @@ def lm_head(params: Params, hidden: jax.Array) -> jax.Array:
 
 
 def forward_with_aux(params: Params, tokens: jax.Array, config: Config, *, positions: jax.Array | None = None,
-                     segment_ids: jax.Array | None = None, remat: str | None = None) -> tuple[jax.Array, Aux]:
-    """(logits f32 [B, L, V], Aux). Pure and jittable; no input validation (see `forward`)."""
-    aux = forward_hidden(params, tokens, config, positions=positions, segment_ids=segment_ids, remat=remat)
+                     segment_ids: jax.Array | None = None, remat: str | None = None,
+                     indexer_loss: str | None = None) -> tuple[jax.Array, Aux]:
+    """(logits f32 [B, L, V], Aux). Pure and jittable; no input validation (see `forward`).
+    indexer_loss: see `forward_hidden`."""
+    aux = forward_hidden(params, tokens, config, positions=positions, segment_ids=segment_ids, remat=remat,
+                         indexer_loss=indexer_loss)
     return lm_head(params, aux.hidden), aux
 
 

@@ -11,7 +11,8 @@ dispatch():  dropless: the (token, slot) pairs are sorted by expert and run thro
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+import contextvars
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -94,8 +95,12 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, config: C
 
 
 def experts_ffn(x_sorted: jax.Array, experts: Mapping[str, Any], group_sizes: jax.Array,
-                config: Config) -> jax.Array:
-    """SwiGLU of every row through its own expert. x_sorted [M, D] -> [M, D] (x dtype)."""
+                config: Config, *, out_dtype: Any = None) -> jax.Array:
+    """SwiGLU of every row through its own expert. x_sorted [M, D] -> [M, D] (out_dtype, default x dtype).
+
+    Rows past sum(group_sizes) come out as zeros. `out_dtype=float32` keeps the down projection
+    unrounded (expert parallelism sums tensor-parallel partial products before rounding).
+    """
     c = config
     d, f = c.hidden_size, c.moe_intermediate_size
     wg = weight(experts["gate"], (d, f), x_sorted.dtype)
@@ -104,7 +109,7 @@ def experts_ffn(x_sorted: jax.Array, experts: Mapping[str, Any], group_sizes: ja
     g = grouped_matmul(x_sorted, wg, group_sizes, c)
     u = grouped_matmul(x_sorted, wu, group_sizes, c)
     z = (jax.nn.silu(g) * u).astype(x_sorted.dtype)
-    return grouped_matmul(z, wd, group_sizes, c).astype(x_sorted.dtype)
+    return grouped_matmul(z, wd, group_sizes, c).astype(out_dtype or x_sorted.dtype)
 
 
 def dispatch(x: jax.Array, r: Routing, experts: Mapping[str, Any], config: Config) -> jax.Array:
@@ -119,6 +124,13 @@ def dispatch(x: jax.Array, r: Routing, experts: Mapping[str, Any], config: Confi
     return jnp.einsum("nkd,nk->nd", y.reshape(n, k, d).astype(jnp.float32), r.weights)
 
 
+# Set by `sharding` while it traces a forward pass on a mesh: hook(x [N, D], p, config) -> (routed output
+# f32 [N, D], Routing) runs `route` and the experts per device (expert parallelism: shard_map +
+# all-to-all). None: local `route` + `dispatch`.
+DISPATCH_HOOK: contextvars.ContextVar[Callable[..., tuple[jax.Array, Routing]] | None] = contextvars.ContextVar(
+    "dsjax_moe_dispatch_hook", default=None)
+
+
 class MoEStats(NamedTuple):
     """Per-layer routing statistics for balancing losses and the aux-loss-free bias update."""
 
@@ -130,8 +142,12 @@ def moe(p: Mapping[str, Any], x: jax.Array, config: Config) -> tuple[jax.Array, 
     """Shared expert + routed experts. x: [B, T, D] -> ([B, T, D], stats)."""
     b, t, d = x.shape
     xf = x.reshape(b * t, d)
-    r = route(xf, p["router"], p["bias"], config)
-    y = dispatch(xf, r, p["experts"], config)
+    hook = DISPATCH_HOOK.get()
+    if hook is not None:
+        y, r = hook(xf, p, config)
+    else:
+        r = route(xf, p["router"], p["bias"], config)
+        y = dispatch(xf, r, p["experts"], config)
     if "shared" in p:
         y = y + swiglu(xf, p["shared"]).astype(jnp.float32)
     e = config.n_routed_experts

@@ -39,7 +39,7 @@ def mtp_hidden(params: Mapping[str, Any], hidden: jax.Array, next_tokens: jax.Ar
     h = rms_norm(hidden.astype(c.compute_dtype), p["hnorm"], c.rms_norm_eps)
     z = dense(jnp.concatenate([e, h], axis=-1), p["eh_proj"])
     (f, resid), stats, *_ = block(p["block"], (z, jnp.zeros_like(z)), cos, sin, c, positions=positions,
-                              segment_ids=segment_ids, is_moe=c.mtp_is_moe)
+                                  segment_ids=segment_ids, is_moe=c.mtp_is_moe)
     out, _ = add_rms_norm(f, resid, p["norm"], c.rms_norm_eps)
     return (out, stats) if return_stats else out
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+
+from experiments.bench_utils import best_time as _best  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "small", "dsjax preset to benchmark.")
@@ -27,16 +28,6 @@ flags.DEFINE_integer("seq_len", 512, "Sequence length of the full-model comparis
 flags.DEFINE_list("dsa_lengths", ["4096", "16384"], "Sequence lengths of the DSA-vs-dense table.")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (best is reported).")
 flags.DEFINE_bool("skip_hf", False, "Skip the HF PyTorch comparison.")
-
-
-def _best(fn, repeats):
-    fn()  # warm-up / compile
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def full_model_table(cfg_name, batch, seq_len, repeats, skip_hf):

@@ -1,36 +1,85 @@
-"""Dispatch of the lightning-indexer ops (scores, and chunked top-k selection)."""
+"""Dispatch of the lightning-indexer ops (scores, and chunked top-k selection).
+
+Backends: "xla" (`reference.py`, chunked einsums; the oracle), "pallas_tpu" (`indexer_tpu.py`, Mosaic)
+and "pallas_gpu" (`indexer_gpu.py`, Triton). The kernels compute the fused scores; top-k runs on each
+query chunk's [B, T_chunk, S] scores right after the kernel, so peak memory is O(T_chunk · S):
+`lax.approx_max_k(recall_target=1.0)` on TPU (an exact top-k there, and faster than `lax.top_k` per
+tpu-inference), `lax.top_k` elsewhere. Slots whose score is -inf (fewer visible keys than k) get -1.
+"""
 
 from __future__ import annotations
 
-from pallas_kernels import reference
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import indexer_gpu, indexer_tpu, reference
 from pallas_kernels.dispatch import resolve_backend
 
-IMPLEMENTED = ("xla",)
+IMPLEMENTED = ("xla", "pallas_tpu", "pallas_gpu")
+
+
+def _kernel_chunk_fn(backend: str, interpret):
+    """A `reference._indexer_chunk`-compatible scorer running the backend's Pallas kernel."""
+    kernel = indexer_tpu.indexer_scores_tpu if backend == "pallas_tpu" else indexer_gpu.indexer_scores_gpu
+
+    def score_chunk(q, w, k, qpos, kpos, qseg, kseg):
+        if qseg is None:  # unpacked rows: one segment (the kernels always compare segment ids)
+            qseg, kseg = jnp.zeros(qpos.shape, jnp.int32), jnp.zeros(kpos.shape, jnp.int32)
+        return kernel(q, w, k, qpos, kpos, qseg, kseg, interpret=interpret)
+
+    return score_chunk
+
+
+def _topk_fn(backend: str, topk: int):
+    if backend != "pallas_tpu":
+        return lambda sc: reference.topk_indices(sc, topk)
+
+    def approx(sc):
+        vals, idx = jax.lax.approx_max_k(sc, topk, recall_target=1.0)
+        return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
+
+    return approx
 
 
 def indexer_scores(q, w, k, *, q_positions, k_positions=None, q_segment_ids=None, k_segment_ids=None,
-                   backend: str | None = None, interpret: bool = False, chunk_size: int | None = None):
+                   backend: str | None = None, interpret=False, chunk_size: int | None = None):
     """Lightning-indexer scores Σ_h w·ReLU(q·k) -> float32 [B, T, S], -inf where the key is not visible.
 
     q: [B, T, Hi, Di], w: [B, T, Hi] (softmax scale folded in), k: [B, S, Di];
     q_positions: [B, T] or [T]; k_positions: [B, S] or [S] (default arange(S)); visibility is
-    k_pos <= q_pos, k_pos >= 0 and equal segment ids.
+    k_pos <= q_pos, k_pos >= 0 and equal segment ids (q_segment_ids [B, T], k_segment_ids [B, S]).
+    backend: "xla", "pallas_tpu", "pallas_gpu" or None (from the default device); interpret: run the
+    Pallas kernel in interpret mode (True, or a `pltpu.InterpretParams` for the TPU kernel).
+    chunk_size: query rows per step of the XLA scan (the kernels tile the whole [T, S] themselves).
     """
     b = resolve_backend(backend, IMPLEMENTED)
-    del interpret
-    assert b == "xla"
-    return reference.indexer_scores(q, w, k, q_positions=q_positions, k_positions=k_positions,
-                                    q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
-                                    chunk_size=chunk_size)
+    if b == "xla":
+        return reference.indexer_scores(q, w, k, q_positions=q_positions, k_positions=k_positions,
+                                        q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
+                                        chunk_size=chunk_size)
+    bt, t = q.shape[:2]
+    qp = reference._positions(q_positions, bt, t)
+    kp = reference._positions(k_positions, bt, k.shape[1])
+    qs = None if q_segment_ids is None else jnp.asarray(q_segment_ids, jnp.int32)
+    ks = None if k_segment_ids is None else jnp.asarray(k_segment_ids, jnp.int32)
+    return _kernel_chunk_fn(b, interpret)(q, w, k, qp, kp, qs, ks)
 
 
 def indexer_topk(q, w, k, *, topk: int, q_positions, k_positions=None, q_segment_ids=None, k_segment_ids=None,
-                 backend: str | None = None, interpret: bool = False, chunk_size: int | None = None):
+                 backend: str | None = None, interpret=False, chunk_size: int | None = None):
     """Indices of the top-`topk` indexer scores per query -> int32 [B, T, min(topk, S)]; -1 fills the slots
-    beyond the visible keys. Works over query chunks: peak memory O(T_chunk · S), never O(T · S)."""
+    beyond the visible keys. Works over query chunks: peak memory O(T_chunk · S), never O(T · S).
+
+    Arguments as `indexer_scores`; chunk_size = query rows per chunk (default: sized to a 128 MiB
+    working set). The result is a set: ties at the k-th score may resolve differently per backend.
+    """
     b = resolve_backend(backend, IMPLEMENTED)
-    del interpret
-    assert b == "xla"
-    return reference.indexer_topk(q, w, k, topk=topk, q_positions=q_positions, k_positions=k_positions,
-                                  q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
-                                  chunk_size=chunk_size)
+    if b == "xla":
+        return reference.indexer_topk(q, w, k, topk=topk, q_positions=q_positions, k_positions=k_positions,
+                                      q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
+                                      chunk_size=chunk_size)
+    topk = min(int(topk), k.shape[1])
+    bt, s_len = q.shape[0], k.shape[1]
+    return reference._indexer_scan(q, w, k, q_positions, k_positions, q_segment_ids, k_segment_ids, chunk_size,
+                                   _topk_fn(b, topk), score_chunk=_kernel_chunk_fn(b, interpret),
+                                   row_bytes=bt * s_len * 4 * 3)

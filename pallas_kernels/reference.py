@@ -19,12 +19,15 @@ import jax.numpy as jnp
 
 F32 = jnp.float32
 _CHUNK_BUDGET_BYTES = 1 << 27  # per-chunk f32 working set of the XLA scans (128 MiB)
+# The sparse gather on CPU is memory-bound: a working set that stays in cache (a few query rows) ran ~2x
+# faster than 128 MiB chunks at L=4096, K=2048, H=16 (experiments/bench_sparse_mla.py).
+_CPU_SPARSE_BUDGET_BYTES = 1 << 23
 
 
 # ----------------------------------------------------------------------------- helpers
-def auto_chunk(t: int, bytes_per_row: int, cap: int) -> int:
+def auto_chunk(t: int, bytes_per_row: int, cap: int, budget: int = _CHUNK_BUDGET_BYTES) -> int:
     """Largest power-of-two query chunk <= cap whose working set fits the budget (at least 1)."""
-    c = max(1, min(cap, _CHUNK_BUDGET_BYTES // max(1, bytes_per_row), t))
+    c = max(1, min(cap, budget // max(1, bytes_per_row), t))
     return 1 << (c.bit_length() - 1)
 
 
@@ -173,7 +176,8 @@ def sparse_mla_with_lse(q_nope, q_rope, kv_nope, k_rope, indices, *, scale: floa
     """
     b, t, h, dc = q_nope.shape
     k = indices.shape[-1]
-    c = chunk_size or auto_chunk(t, b * h * k * 4 * 3 + b * k * (dc + q_rope.shape[-1]) * 4, 256)
+    budget = _CPU_SPARSE_BUDGET_BYTES if jax.default_backend() == "cpu" else _CHUNK_BUDGET_BYTES
+    c = chunk_size or auto_chunk(t, b * h * k * 4 * 3 + b * k * (dc + q_rope.shape[-1]) * 4, 256, budget)
     return _sparse_mla(q_nope, q_rope, kv_nope, k_rope, indices.astype(jnp.int32), float(scale), int(c))
 
 
@@ -227,7 +231,11 @@ def _indexer_chunk(q, w, k, qpos, kpos, qseg, kseg):
     return jnp.where(visibility(qpos, kpos, qseg, kseg), sc, -jnp.inf)
 
 
-def _indexer_scan(q, w, k, q_positions, k_positions, q_segment_ids, k_segment_ids, chunk_size, per_chunk):
+def _indexer_scan(q, w, k, q_positions, k_positions, q_segment_ids, k_segment_ids, chunk_size, per_chunk,
+                  score_chunk=_indexer_chunk, row_bytes=None):
+    """Scan `score_chunk` (same signature as `_indexer_chunk`; a Pallas kernel plugs in here) over query
+    chunks and apply `per_chunk` to each chunk's f32 [B, c, S] scores. `row_bytes`: working set per
+    query row used to size the chunk (default: the [Hi, S] per-head logits of the XLA path)."""
     b, t, hi, _ = q.shape
     s_len = k.shape[1]
     qp = _positions(q_positions, b, t)
@@ -235,12 +243,12 @@ def _indexer_scan(q, w, k, q_positions, k_positions, q_segment_ids, k_segment_id
     has_seg = q_segment_ids is not None
     qs = jnp.asarray(q_segment_ids, jnp.int32) if has_seg else jnp.zeros((b, t), jnp.int32)
     ks = jnp.asarray(k_segment_ids, jnp.int32) if has_seg else None
-    c = chunk_size or auto_chunk(t, b * hi * s_len * 4 * 2, 256)
+    c = chunk_size or auto_chunk(t, row_bytes or b * hi * s_len * 4 * 2, 256)
     tp = -(-t // c) * c
     xs = tuple(_chunks(_pad_axis1(a, tp, v), c) for a, v in ((q, 0), (w, 0), (qp, -1), (qs, 0)))
 
     def step(_, x):
-        sc = _indexer_chunk(x[0], x[1], k, x[2], kp, x[3] if has_seg else None, ks)
+        sc = score_chunk(x[0], x[1], k, x[2], kp, x[3] if has_seg else None, ks)
         return None, per_chunk(sc)
 
     _, out = jax.lax.scan(step, None, xs)

@@ -1,25 +1,87 @@
-"""Dispatch of the MLA attention ops (sparse DSA gather, and dense causal)."""
+"""Dispatch of the MLA attention ops (sparse DSA gather, and dense causal).
+
+`sparse_mla` / `sparse_mla_with_lse` run one of three implementations of the same op:
+  * "pallas_tpu": `sparse_mla_tpu` (Mosaic: one token x all heads per grid step, DMA row gathers);
+  * "pallas_gpu": `sparse_mla_gpu` (Triton: heads as the matmul M dimension, pointer gathers; split-K
+    over the top-k list when the grid is small, e.g. decode with T = 1);
+  * "xla": `reference.sparse_mla_with_lse` (chunked gather scan; the CPU path and the oracle).
+The kernels are differentiable through one `custom_vjp`: the forward kernel saves (out, lse), the backward
+kernel recomputes P from lse, owns dQ per program, and scatter-adds dK/dV (atomics on GPU, an XLA
+scatter-add of staged rows on TPU).
+"""
 
 from __future__ import annotations
 
-from pallas_kernels import reference
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import reference, sparse_mla_gpu, sparse_mla_tpu
 from pallas_kernels.dispatch import resolve_backend
 
-IMPLEMENTED = ("xla",)
+IMPLEMENTED = ("xla", "pallas_tpu", "pallas_gpu")
+_KERNELS = {"pallas_tpu": sparse_mla_tpu, "pallas_gpu": sparse_mla_gpu}
+
+
+def _check_shapes(q_nope, q_rope, kv_nope, k_rope, indices) -> None:
+    """One clear error for inconsistent inputs (shapes are static, so this costs nothing under jit)."""
+    problems = []
+    if q_nope.ndim != 4 or q_rope.ndim != 4 or kv_nope.ndim != 3 or k_rope.ndim != 3 or indices.ndim != 3:
+        problems.append("expected ranks q_nope 4, q_rope 4, kv_nope 3, k_rope 3, indices 3")
+    else:
+        b, t, h, dc = q_nope.shape
+        s = kv_nope.shape[1]
+        dr = q_rope.shape[-1]
+        want = {"q_rope": (q_rope.shape, (b, t, h, dr)), "kv_nope": (kv_nope.shape, (b, s, dc)),
+                "k_rope": (k_rope.shape, (b, s, dr)), "indices": (indices.shape[:2], (b, t))}
+        problems += [f"{n} has shape {got}, expected {exp}" for n, (got, exp) in want.items() if got != exp]
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+        problems.append(f"indices must be an integer array, got {indices.dtype}")
+    if problems:
+        raise ValueError(
+            "sparse_mla: " + "; ".join(problems) + ". Shapes: q_nope [B, T, H, Dc], q_rope [B, T, H, Dr], "
+            f"kv_nope [B, S, Dc], k_rope [B, S, Dr], indices int [B, T, K]; got q_nope {q_nope.shape}, "
+            f"q_rope {q_rope.shape}, kv_nope {kv_nope.shape}, k_rope {k_rope.shape}, indices {indices.shape}.")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _kernel_sparse_mla(qn, qr, kvn, kr, idx, scale, backend, interpret):
+    return _KERNELS[backend].forward(qn, qr, kvn, kr, idx, scale=scale, interpret=interpret)
+
+
+def _kernel_fwd(qn, qr, kvn, kr, idx, scale, backend, interpret):
+    out, lse = _KERNELS[backend].forward(qn, qr, kvn, kr, idx, scale=scale, interpret=interpret)
+    return (out, lse), (qn, qr, kvn, kr, idx, out, lse)
+
+
+def _kernel_bwd(scale, backend, interpret, res, cot):
+    qn, qr, kvn, kr, idx, out, lse = res
+    dout, dlse = cot
+    grads = _KERNELS[backend].backward(qn, qr, kvn, kr, idx, out, lse, dout, dlse, scale=scale,
+                                       interpret=interpret)
+    return (*grads, None)
+
+
+_kernel_sparse_mla.defvjp(_kernel_fwd, _kernel_bwd)
 
 
 def sparse_mla_with_lse(q_nope, q_rope, kv_nope, k_rope, indices, *, scale: float, backend: str | None = None,
-                        interpret: bool = False, chunk_size: int | None = None):
-    """Sparse MLA returning (out [B,T,H,Dc], lse f32 [B,T,H]); see `sparse_mla`."""
+                        interpret=False, chunk_size: int | None = None):
+    """Sparse MLA returning (out [B,T,H,Dc], lse f32 [B,T,H], +inf for a query without valid slots).
+
+    See `sparse_mla`. Both outputs are differentiable (the indexer KL loss reads the lse).
+    """
+    _check_shapes(q_nope, q_rope, kv_nope, k_rope, indices)
     b = resolve_backend(backend, IMPLEMENTED)
-    del interpret
-    assert b == "xla"
-    return reference.sparse_mla_with_lse(q_nope, q_rope, kv_nope, k_rope, indices, scale=scale,
-                                         chunk_size=chunk_size)
+    if b == "xla":
+        return reference.sparse_mla_with_lse(q_nope, q_rope, kv_nope, k_rope, indices, scale=scale,
+                                             chunk_size=chunk_size)
+    return _kernel_sparse_mla(q_nope, q_rope, kv_nope, k_rope, indices, float(scale), b, interpret)
 
 
 def sparse_mla(q_nope, q_rope, kv_nope, k_rope, indices, *, scale: float, backend: str | None = None,
-               interpret: bool = False, chunk_size: int | None = None):
+               interpret=False, chunk_size: int | None = None):
     """Sparse MQA attention of DSA over the latent cache.
 
     Args:
@@ -27,12 +89,16 @@ def sparse_mla(q_nope, q_rope, kv_nope, k_rope, indices, *, scale: float, backen
       q_rope: [B, T, H, Dr] rotary queries (Dr = 64).
       kv_nope: [B, S, Dc] latent rows (keys and values).
       k_rope: [B, S, Dr] rotary keys.
-      indices: int32 [B, T, K] selected rows; entries < 0 are unused slots.
+      indices: int32 [B, T, K] selected rows; entries < 0 are unused slots (the kernels also ignore
+        entries >= S; the XLA path requires them in range).
       scale: softmax scale applied to both score terms.
       backend: "xla", "pallas_tpu", "pallas_gpu", or None (from the default device).
-      interpret: run a Pallas kernel in interpret mode (CPU tests).
+      interpret: run a Pallas kernel in interpret mode (CPU tests): True, or a `pltpu.InterpretParams`
+        for the TPU kernel.
+      chunk_size: query rows per step of the XLA path (ignored by the kernels).
     Returns:
       [B, T, H, Dc]: softmax over the valid slots applied to kv_nope; zeros for a query with no valid slot.
+      Decode is the same call with T = 1 (per-sequence lengths show up as -1 slots).
     """
     return sparse_mla_with_lse(q_nope, q_rope, kv_nope, k_rope, indices, scale=scale, backend=backend,
                                interpret=interpret, chunk_size=chunk_size)[0]

@@ -1,0 +1,207 @@
+"""AOT memory plan: lower and compile a full dsjax step on a simulated device mesh, with abstract inputs only.
+
+    python experiments/plan.py --config=deepseek-v3.2 --mesh=expert=64,fsdp=4 --mode=train \\
+        --seq_len=4096 --batch=256 --hbm_gb=95
+    python experiments/plan.py --mesh=expert=8 --mode=decode --weights=fp8 --seq_len=32768 --batch=64 --hbm_gb=141
+
+Nothing is allocated: params, optimizer state, KV cache and tokens are `jax.ShapeDtypeStruct`s placed by
+the `sharding` rules on a mesh of simulated CPU devices (XLA's host-platform device count, set here before
+jax is imported). The step is compiled by XLA:CPU's SPMD partitioner, and the per-device numbers come from
+`compiled.memory_analysis()`: arguments (split into params / optimizer state / KV cache / tokens by their
+shardings), outputs not aliased to donated inputs, and temporaries (activations and workspace).
+
+Modes:
+  train    cross-entropy on next tokens, gradients, AdamW update (fp32 moments, bf16 params), layer remat.
+  prefill  forward of `seq_len` prompt tokens writing a `seq_len`-slot KV cache; last-position logits.
+  decode   one new token per sequence against a full `seq_len`-slot KV cache.
+
+Caveats: temporaries are XLA:CPU's buffer assignment, an estimate of TPU/GPU's (fusion and layouts differ).
+XLA:CPU has no native FP8 (and some bf16) kernels: its float-normalization passes upcast such ops, and
+while-loop-invariant code motion then hoists the upcast of *whole layer stacks* (e.g. all 58 layers' FP8
+experts to f16, 51 GB) out of the layer loop. TPU and GPU run these types natively and never build those
+copies, so the plan disables that one CPU pass (`--cpu_licm` keeps it, to see the raw CPU number).
+The expert all-to-all uses the "padded" exchange on CPU, whose buffers have the same static shapes as the
+"ragged" exchange used on TPU/GPU. Inputs the step does not read (the MTP module outside train) are
+counted in the rows but dropped by XLA from `argument`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", "deepseek-v3.2", "dsjax preset.")
+flags.DEFINE_string("mesh", "expert=64,fsdp=4", "Mesh axis sizes, e.g. expert=64,fsdp=4 (axes: data, fsdp, "
+                    "sequence, expert, tensor).")
+flags.DEFINE_enum("mode", "train", ["train", "prefill", "decode"], "Which step to plan.")
+flags.DEFINE_integer("seq_len", 4096, "Tokens per sequence (train / prefill) or KV-cache length (decode).")
+flags.DEFINE_integer("batch", None, "Global batch (default: one sequence per batch shard).")
+flags.DEFINE_float("hbm_gb", 95.0, "Device memory in GB (v5p 95, H200 141, H100 80, v6e 32).")
+flags.DEFINE_enum("weights", "bf16", ["bf16", "fp8"], "Weight storage: bf16, or the official block-FP8 "
+                  "(quantised matrices as e4m3 + 128x128 scales; serving modes only).")
+flags.DEFINE_string("remat", "full", "Layer rematerialisation policy for train (dsjax.model.remat_policy).")
+flags.DEFINE_integer("ep_buffer_mb", 512, "Bound on the expert all-to-all's worst-case receive buffer (MiB).")
+flags.DEFINE_bool("cpu_licm", False, "Keep XLA:CPU's while-loop-invariant code motion (see the module docstring).")
+
+GB = 1e9
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    out = {}
+    for part in filter(None, text.split(",")):
+        name, _, n = part.partition("=")
+        if not n.isdigit():
+            raise app.UsageError(f"--mesh: {part!r} is not axis=size.")
+        out[name.strip()] = int(n)
+    return out
+
+
+def fp8_abstract_params(config):
+    """Abstract params with the official checkpoint's FP8 storage for the matrices it quantises."""
+    import jax
+    import numpy as np
+
+    from checkpoints.hf_names import hf_table, matrix_shape
+    from dsjax import fp8
+    from dsjax.params import abstract_params, param_specs
+
+    specs = param_specs(config)
+    tree = jax.tree.map(lambda x: x, abstract_params(config))
+    block = config.fp8_weight_block or fp8.BLOCK
+    done = set()
+    for t in hf_table(config).values():
+        if not t.quantized or t.path in done:
+            continue
+        done.add(t.path)
+        spec = specs
+        for k in t.path:
+            spec = spec[k]
+        m = matrix_shape(spec, t)
+        lead = spec.shape[: len(spec.shape) - len(m)]
+        rows, cols = math.prod(m[: t.n_in]), math.prod(m[t.n_in:])
+        node = tree
+        for k in t.path[:-1]:
+            node = node[k]
+        node[t.path[-1]] = {
+            "qweight": jax.ShapeDtypeStruct(lead + (rows, cols), np.dtype(fp8.E4M3)),
+            "scale": jax.ShapeDtypeStruct(lead + (-(-rows // block), -(-cols // block)), np.float32)}
+    return tree
+
+
+def per_device_bytes(tree, shardings) -> int:
+    import jax
+
+    return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+               for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+
+def build(mode: str, config, mesh, batch: int, seq_len: int, weights: str, remat: str, ep_buffer: int):
+    """(step function, abstract args, in_shardings, out_shardings, donate, {category: args index})."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import sharding
+    from dsjax import abstract_params, cache as cache_lib, model
+
+    params = fp8_abstract_params(config) if weights == "fp8" else abstract_params(config)
+    ps = sharding.param_shardings(config, mesh, like=params)
+    rep = sharding.logical_to_sharding((), mesh)
+    if mode == "train":
+        tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+        tok_sh = sharding.logical_to_sharding(sharding.TOKEN_AXES, mesh, tokens.shape)
+        opt = optax.adamw(1e-4)
+        f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
+        state = jax.eval_shape(opt.init, f32)  # fp32 moments
+        ss = sharding.opt_state_shardings(state, config, mesh, params=params)
+
+        def loss_fn(p, t):
+            logits, _ = sharding.forward_with_aux(p, t, config, mesh, remat=remat, ep_buffer_bytes=ep_buffer)
+            logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+            return -jnp.mean(jnp.take_along_axis(logp, t[:, 1:, None], axis=-1))
+
+        def step(p, s, t):
+            loss, grads = jax.value_and_grad(loss_fn)(p, t)
+            updates, s = opt.update(grads, s, p)
+            return loss, optax.apply_updates(p, updates), s
+
+        return (step, (params, state, tokens), (ps, ss, tok_sh), (rep, ps, ss), (0, 1),
+                {"params": 0, "optimizer state": 1, "tokens": 2})
+    cache = jax.eval_shape(lambda: cache_lib.init_cache(config, batch, seq_len))
+    cs = sharding.cache_shardings(cache, mesh)
+    t_new = seq_len if mode == "prefill" else 1
+    tokens = jax.ShapeDtypeStruct((batch, t_new), jnp.int32)
+    tok_sh = sharding.logical_to_sharding(sharding.TOKEN_AXES, mesh, tokens.shape)
+
+    def step(p, c, t):
+        pos = jnp.broadcast_to(jnp.arange(t.shape[1], dtype=jnp.int32) + (seq_len - t.shape[1]), t.shape)
+        with sharding.parallel(mesh, ep_buffer_bytes=ep_buffer):
+            aux = model.forward_hidden(p, t, config, positions=pos, cache=c)
+        logits = model.lm_head(p, aux.hidden[:, -1])
+        return sharding.constrain(logits, ("act_batch", "act_vocab"), mesh), aux.cache
+
+    return (step, (params, cache, tokens), (ps, cs, tok_sh),
+            (sharding.logical_to_sharding(("act_batch", "act_vocab"), mesh, (batch, config.vocab_size)), cs),
+            (1,), {"params": 0, "KV cache": 1, "tokens": 2})
+
+
+def main(argv):
+    del argv
+    sizes = parse_mesh(FLAGS.mesh)
+    n_dev = math.prod(sizes.values())
+    xla = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_dev}"
+    if not FLAGS.cpu_licm:
+        xla += " --xla_disable_hlo_passes=while-loop-invariant-code-motion"
+    os.environ["XLA_FLAGS"] = xla
+    import jax
+
+    import dsjax
+    import sharding
+
+    cfg = dsjax.Config.preset(FLAGS.config)
+    if FLAGS.weights == "fp8":
+        if FLAGS.mode == "train":
+            raise app.UsageError("--weights=fp8 is for serving (prefill / decode); train keeps bf16 weights.")
+        cfg = cfg.replace(fp8_weight_block=128)
+    mesh = sharding.make_mesh(**sizes, config=cfg)
+    batch_shards = math.prod(mesh.shape[a] for a in sharding.RULES["act_batch"])
+    batch = FLAGS.batch or batch_shards
+    step, args, in_sh, out_sh, donate, cats = build(FLAGS.mode, cfg, mesh, batch, FLAGS.seq_len, FLAGS.weights,
+                                                    FLAGS.remat, FLAGS.ep_buffer_mb << 20)
+    print(f"plan: {FLAGS.config} mode={FLAGS.mode} weights={FLAGS.weights} mesh={FLAGS.mesh} ({n_dev} devices) "
+          f"batch={batch} seq_len={FLAGS.seq_len} params={dsjax.count_params(args[0]) / 1e9:.1f}B", flush=True)
+    t0 = time.time()
+    lowered = jax.jit(step, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=donate).lower(*args)
+    t1 = time.time()
+    compiled = lowered.compile()
+    t2 = time.time()
+    mem = compiled.memory_analysis()
+    rows = [(name, per_device_bytes(args[i], in_sh[i])) for name, i in cats.items()]
+    arg_total = mem.argument_size_in_bytes
+    out_extra = mem.output_size_in_bytes - mem.alias_size_in_bytes
+    temp = mem.temp_size_in_bytes
+    total = arg_total + out_extra + temp
+    print(f"lower {t1 - t0:.1f} s, compile {t2 - t1:.1f} s")
+    print(f"{'per-device memory':<34}{'GB':>10}")
+    for name, b in rows:
+        print(f"  {name:<32}{b / GB:>10.2f}")
+    print(f"  {'activations + workspace (temp)':<32}{temp / GB:>10.2f}")
+    print(f"  {'outputs not aliased to inputs':<32}{out_extra / GB:>10.2f}")
+    print(f"  {'total':<32}{total / GB:>10.2f}")
+    fits = total <= FLAGS.hbm_gb * GB
+    print(f"fits {FLAGS.hbm_gb:g} GB HBM: {'YES' if fits else 'NO'} ({100 * total / (FLAGS.hbm_gb * GB):.0f}%)")
+    print(f"memory_analysis: argument={arg_total / GB:.2f} GB (sum of the rows above: "
+          f"{sum(b for _, b in rows) / GB:.2f}), output={mem.output_size_in_bytes / GB:.2f}, "
+          f"alias={mem.alias_size_in_bytes / GB:.2f}, temp={temp / GB:.2f}, "
+          f"code={mem.generated_code_size_in_bytes / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    app.run(main)
