@@ -59,7 +59,7 @@ def test_targets_and_merge_math(params):
         lora.LoraConfig(rank=0)
 
 
-def test_lora_training_keeps_the_base_bit_identical(params):
+def test_lora_training_keeps_the_base_bit_identical(params, tmp_path):
     from test_train import fresh, make_batch
     from train_util import leaf_pairs, run_steps
 
@@ -86,3 +86,17 @@ def test_lora_training_keeps_the_base_bit_identical(params):
     via_apply = dsjax.forward(lora.apply(state["params"], state["lora"], CFG, cfg), tokens, CFG)
     np.testing.assert_array_equal(np.asarray(via_merge), np.asarray(via_apply))
     assert not np.allclose(np.asarray(via_merge), np.asarray(dsjax.forward(state["params"], tokens, CFG)))
+    # HF export of the merged model (checkpoints.save + checkpoints.export): HF transformers computes the same
+    # logits from it. Compared over the first index_topk positions, where every causal key is selected: with
+    # init_params' small indexer weights the index scores are near-ties, which HF and dsjax may break apart.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dsjax.train import trainer
+
+    trainer._exporter()(merged, CFG, str(tmp_path / "hf"), str(tmp_path))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        ref = hf(torch.as_tensor(np.array(tokens), dtype=torch.long)).logits.numpy()
+    k = CFG.index_topk
+    assert np.abs(ref[:, :k] - np.asarray(via_merge)[:, :k]).max() <= 1e-4 * np.abs(ref[:, :k]).max()

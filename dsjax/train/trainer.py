@@ -66,21 +66,25 @@ class RunResult:
 
 # --------------------------------------------------------------------------------------------- model init
 def _exporter() -> Callable:
-    """`checkpoints`' HF export function (the "Checkpoints" issue); a clear error when this build lacks it."""
+    """`export(params, config, out_dir, workdir)`: params -> a dsjax checkpoint (`checkpoints.save`, kept as
+    WORKDIR/final_params) -> HF safetensors (`checkpoints.export`). A clear error when this build lacks them."""
     import checkpoints
 
-    for mod, name in ((checkpoints, "export_hf"), (checkpoints, "save_hf")):
-        if hasattr(mod, name):
-            return getattr(mod, name)
     try:
         from checkpoints import export as export_mod
     except ImportError:
         export_mod = None
-    for name in ("export_hf", "save_hf", "export"):
-        if export_mod is not None and callable(getattr(export_mod, name, None)):
-            return getattr(export_mod, name)
-    raise NotImplementedError("--export_hf needs the HF exporter of `checkpoints` (python -m checkpoints.export), "
-                              "which this build lacks; export later from the Orbax checkpoint.")
+    if not hasattr(checkpoints, "save") or not hasattr(export_mod, "export"):
+        raise NotImplementedError("--export_hf needs checkpoints.save and checkpoints.export, which this build "
+                                  "lacks; export later from the Orbax checkpoint.")
+
+    def export(params: Any, config: Config, out_dir: str, workdir: str) -> str:
+        final = os.path.join(workdir, "final_params")
+        checkpoints.save(final, params, config, overwrite=True)
+        export_mod.export(final, out_dir, progress=jax.process_index() == 0)
+        return final
+
+    return export
 
 
 def load_initial(rc: RunConfig) -> tuple[Config, Any]:
@@ -197,6 +201,9 @@ def validate(config: Config, rc: RunConfig) -> None:
                          "never prunes; use longer rows or --stage=sft.")
     if rc.export_hf:
         _exporter()
+        if os.path.exists(rc.export_hf):
+            raise ValueError(f"--export_hf={rc.export_hf!r} already exists; choose a new directory (nothing is "
+                             "overwritten).")
     if rc.mesh is not None:
         import sharding
 
@@ -292,7 +299,7 @@ def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) ->
         metrics_lib.plot_loss_curve(rows, paths["loss_curve"], title=f"dsjax {tc.stage}")
     if rc.export_hf and not preempted:
         params = state["params"] if tc.lora is None else lora_lib.merge(state["params"], state["lora"], config, tc.lora)
-        _exporter()(params, config, rc.export_hf)
+        paths["final_params"] = os.path.abspath(_exporter()(params, config, rc.export_hf, rc.workdir))
         paths["export_hf"] = os.path.abspath(rc.export_hf)
     return RunResult(config, state, rows, int(state["step"]), preempted, paths, stopped)
 
@@ -300,7 +307,7 @@ def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) ->
 def summary(res: RunResult) -> str:
     """Where everything is, for the end of a script."""
     lines = [f"{'preempted at' if res.preempted else 'finished'} step {res.step}"]
-    for k in ("checkpoints", "tensorboard", "metrics", "loss_curve", "export_hf"):
+    for k in ("checkpoints", "tensorboard", "metrics", "loss_curve", "final_params", "export_hf"):
         if k in res.paths:
             lines.append(f"  {k:12s} {res.paths[k]}")
     return "\n".join(lines)
