@@ -101,6 +101,18 @@ def test_sft_leaves_indexer_untouched_and_trains_the_rest(overfit):
             assert not np.array_equal(a, b), name
 
 
+def test_bf16_compute_with_fp32_master_weights_and_optimizer_state(params, overfit):
+    """dtype=bfloat16 compute, param_dtype=float32: the loss matches fp32 to bf16 accuracy, and params and
+    Adam moments stay fp32."""
+    cfg = CFG.replace(dtype="bfloat16")
+    state = step_lib.init_state(fresh(params), cfg, TC, jax.random.key(1))
+    state, m = step_lib.compiled_step(cfg, TC)(state, overfit["batch"])
+    np.testing.assert_allclose(float(m["ce"]), float(overfit["hist"][0]["ce"]), rtol=2e-2)
+    assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.float32)}
+    adam = state["opt_state"][1][0]
+    assert {x.dtype for x in jax.tree.leaves((adam.mu, adam.nu))} == {jnp.dtype(jnp.float32)}
+
+
 def test_losses_match_numpy():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
