@@ -182,8 +182,10 @@ def _check_resume(meta: Mapping[str, Any], now: Mapping[str, Any], directory: st
         old, new = meta.get(part, {}), json.loads(json.dumps(now[part]))  # tuples -> lists, as stored
         diff += [f"{part}.{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
     if diff:
+        hint = (" (the lr schedule spans --steps unless --schedule_steps is set: to extend a run keep "
+                "--schedule_steps at its original length)" if any(d.startswith("train.optim") for d in diff) else "")
         raise ValueError(f"--resume: the checkpoint in {directory} was written with different settings "
-                         f"({'; '.join(diff)}); resume with the original flags or use a new --workdir.")
+                         f"({'; '.join(diff)}); resume with the original flags or use a new --workdir{hint}.")
 
 
 def validate(config: Config, rc: RunConfig) -> None:
