@@ -27,7 +27,7 @@ DATA = os.path.join(ROOT, "experiments", "data")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "output directory (default runs/quickstart-<time>)")
-flags.DEFINE_integer("steps", 400, "optimizer steps")
+flags.DEFINE_integer("steps", 700, "optimizer steps (fewer if the --minutes budget runs out first)")
 flags.DEFINE_float("minutes", 9.0, "wall-clock budget of the whole script: training stops early (and saves) "
                    "so that everything ends within it")
 flags.DEFINE_string("prompt", "And the LORD said unto Moses,", "prompt for the sample")
