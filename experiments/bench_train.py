@@ -26,6 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
+from experiments.bench_utils import best_time  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "tiny", "dsjax preset")
 flags.DEFINE_integer("vocab_size", 2048, "vocabulary (the presets' tiny 512 under-weights the head)")
@@ -45,24 +47,15 @@ def peak_flops() -> dict[str, float]:
     n = 2048
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
     f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = min(_time(lambda: f(a).block_until_ready()) for _ in range(5))
-    out = {"jax": 2 * n ** 3 / best}
+    out = {"jax": 2 * n ** 3 / best_time(lambda: f(a).block_until_ready(), 5)}
     try:
         import torch
 
         t = torch.randn(n, n)
-        t @ t
-        out["torch"] = 2 * n ** 3 / min(_time(lambda: t @ t) for _ in range(5))
+        out["torch"] = 2 * n ** 3 / best_time(lambda: t @ t, 5)
     except ImportError:
         pass
     return out
-
-
-def _time(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def model_flops_per_step(c, batch: int, seq_len: int) -> float:
