@@ -92,8 +92,6 @@ def parse_mesh(spec: str | None):
         sizes[name.strip()] = int(val)
     import sharding
 
-    if not hasattr(sharding, "make_mesh"):
-        raise FlagError("--mesh needs the `sharding` package's make_mesh, which this build lacks.")
     try:
         return sharding.make_mesh(**sizes)
     except TypeError:

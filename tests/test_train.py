@@ -192,11 +192,6 @@ def test_schedule_warmup_then_cosine():
     np.testing.assert_allclose(float(f(110)), 1e-4, rtol=1e-5)
 
 
-STAGES_AVAILABLE = "indexer_loss" in __import__("inspect").signature(dsjax.model.forward_hidden).parameters
-
-
-@pytest.mark.skipif(not STAGES_AVAILABLE, reason="needs the indexer KL loss plumbing "
-                    "(model.forward_hidden(indexer_loss=...), the 'Indexer' issue), not in this build")
 def test_indexer_warmup_lowers_kl_and_changes_only_the_indexer(params):
     tc = step_lib.TrainConfig(stage="indexer_warmup", optim=schedule.OptimConfig(
         learning_rate=1e-2, warmup_steps=0, total_steps=20, weight_decay=0.0))
@@ -214,8 +209,6 @@ def test_indexer_warmup_lowers_kl_and_changes_only_the_indexer(params):
     assert any(changed)
 
 
-@pytest.mark.skipif(not STAGES_AVAILABLE, reason="needs the indexer KL loss plumbing "
-                    "(model.forward_hidden(indexer_loss=...), the 'Indexer' issue), not in this build")
 def test_sparse_stage_detaches_the_indexer(params):
     """Stage 2 trains everything with DSA on; the indexer learns only from its KL: with the KL weight at 0
     the language-modelling loss must leave the indexer bit-identical while the rest of the model moves."""

@@ -5,10 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-import sharding
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = r'''
@@ -44,8 +40,6 @@ print("MESH_OK", err, float(m["loss"]))
 '''
 
 
-@pytest.mark.skipif(not hasattr(sharding, "parallel"), reason="needs the `sharding` package's make_mesh / "
-                    "shard_params / parallel (the 'Sharding' issue), not in this build")
 def test_fsdp_mesh_step_matches_single_device(tmp_path):
     """Two steps on an 8-device fsdp mesh (subprocess) equal two single-device steps (this process: the
     step with grad_accum=1 is the one test_train compiles too)."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 from typing import Any, Callable, Mapping
 
 import jax
@@ -78,7 +77,8 @@ def is_trainable(names: tuple[str, ...], tc: TrainConfig) -> bool:
     if _is_router_bias(names):
         return False  # moved by the bias update, never by the optimizer
     if "indexer" in names:  # the indexer learns only from its KL loss (spec §10): not in sft
-        return tc.stage != "sft"
+        # The MTP block's indexer gets no KL here (mtp_hidden does not compute one), so it stays frozen.
+        return tc.stage != "sft" and names[1] != "mtp"
     if tc.stage == "indexer_warmup":
         return False
     return tc.lora is None  # LoRA: the base stays frozen
@@ -121,10 +121,6 @@ def check_stage(config: Config, tc: TrainConfig) -> None:
     if not config.has_indexer:
         raise ValueError(f"stage={tc.stage} trains the DSA lightning indexer, but model_type={config.model_type!r} "
                          "has none; use a V3.2 model or --stage=sft.")
-    if "indexer_loss" not in inspect.signature(model.forward_hidden).parameters:
-        raise NotImplementedError(
-            f"stage={tc.stage} needs the indexer KL loss (dsjax/indexer_loss.py and "
-            "model.forward_hidden(indexer_loss=...)), which this build of dsjax lacks.")
 
 
 def init_state(params: Any, config: Config, tc: TrainConfig, rng: jax.Array,
@@ -163,10 +159,8 @@ def _parallel(mesh: Any):
     """On a mesh, run MoE expert-parallel and attention context-parallel (`sharding.parallel`)."""
     if mesh is None:
         return contextlib.nullcontext()
-    import sharding
+    import sharding  # sharding builds on dsjax: imported on use
 
-    if not hasattr(sharding, "parallel"):
-        raise NotImplementedError("training on a mesh needs sharding.parallel, which this build lacks.")
     return sharding.parallel(mesh)
 
 

@@ -67,16 +67,9 @@ class RunResult:
 # --------------------------------------------------------------------------------------------- model init
 def _exporter() -> Callable:
     """`export(params, config, out_dir, workdir)`: params -> a dsjax checkpoint (`checkpoints.save`, kept as
-    WORKDIR/final_params) -> HF safetensors (`checkpoints.export`). A clear error when this build lacks them."""
+    WORKDIR/final_params) -> HF safetensors (`checkpoints.export`)."""
     import checkpoints
-
-    try:
-        from checkpoints import export as export_mod
-    except ImportError:
-        export_mod = None
-    if not hasattr(checkpoints, "save") or not hasattr(export_mod, "export"):
-        raise NotImplementedError("--export_hf needs checkpoints.save and checkpoints.export, which this build "
-                                  "lacks; export later from the Orbax checkpoint.")
+    from checkpoints import export as export_mod
 
     def export(params: Any, config: Config, out_dir: str, workdir: str) -> str:
         final = os.path.join(workdir, "final_params")
@@ -113,13 +106,10 @@ def load_initial(rc: RunConfig) -> tuple[Config, Any]:
     import checkpoints
 
     dtype = opts.get("param_dtype")
-    if hasattr(checkpoints, "load") and not os.path.isfile(os.path.join(path, "config.json")):
-        config, params = checkpoints.load(path, mesh=rc.mesh, dtype=dtype)
-    elif os.path.isfile(os.path.join(path, "config.json")):
+    if os.path.isfile(os.path.join(path, "config.json")):
         config, params = checkpoints.load_hf(path, dtype=dtype)
-    else:
-        raise ValueError(f"--init_ckpt={path!r} is neither a dsjax training run, a converted checkpoint, nor an "
-                         "HF directory with config.json.")
+    else:  # a converted (or checkpoints.save'd) dsjax checkpoint; CheckpointError says what is wrong otherwise
+        config, params = checkpoints.load(path, mesh=rc.mesh, dtype=dtype)
     return config.replace(**opts), params
 
 
@@ -202,15 +192,13 @@ def validate(config: Config, rc: RunConfig) -> None:
         raise ValueError(f"stage=sparse with seq_len={rc.data.seq_len} <= index_topk={config.index_topk}: DSA "
                          "never prunes; use longer rows or --stage=sft.")
     if rc.export_hf:
-        _exporter()
         if os.path.exists(rc.export_hf):
             raise ValueError(f"--export_hf={rc.export_hf!r} already exists; choose a new directory (nothing is "
                              "overwritten).")
     if rc.mesh is not None:
         import sharding
 
-        if hasattr(sharding, "check_mesh"):
-            sharding.check_mesh(config, rc.mesh)
+        sharding.check_mesh(config, rc.mesh)
 
 
 def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) -> RunResult:
