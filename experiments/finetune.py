@@ -54,7 +54,8 @@ flags.DEFINE_float("b1", 0.9, "Adam beta1")
 flags.DEFINE_float("b2", 0.95, "Adam beta2")
 flags.DEFINE_float("clip_norm", 1.0, "global-norm gradient clipping (0 = off)")
 flags.DEFINE_integer("grad_accum", 1, "micro-batches per optimizer step")
-flags.DEFINE_string("remat", "full", "rematerialisation policy: full, dots, dots_no_batch, none")
+flags.DEFINE_string("remat", "full", "rematerialisation policy of the layer scan: full, dots, dots_no_batch, "
+                    "none (save everything), off (no jax.checkpoint)")
 # data
 flags.DEFINE_list("data", None, "data files: .jsonl ({'text'} or {'messages'}), text, .array_record")
 flags.DEFINE_enum("data_format", "auto", ["auto", "jsonl", "text", "arrayrecord"], "force a data format")
