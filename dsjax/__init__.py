@@ -14,3 +14,9 @@ __all__ = [
     "param_axes", "param_specs", "abstract_params", "count_params", "Aux",
 ]
 __version__ = "0.1.0"
+
+# Inference. `dsjax.generate` is the function; its module's other names: `from dsjax.generate import ...`.
+from dsjax.generate import GenerationResult, generate, generate_with_stats  # noqa: E402
+from dsjax.tokenizer import Tokenizer  # noqa: E402
+
+__all__ += ["generate", "generate_with_stats", "GenerationResult", "Tokenizer"]

@@ -146,12 +146,14 @@ def _attend_with_indexer_loss(q: Queries, kv: Latents, config: Config, mode: str
 
 def mla(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array, config: Config, *,
         positions: jax.Array, segment_ids: jax.Array | None = None, cache: Latents | None = None,
+        layer: jax.Array | None = None,
         indexer_loss: str | None = None) -> tuple[jax.Array, Latents | None, jax.Array | None]:
     """MLA (+ DSA) self-attention of new tokens x [B, T, D] -> ([B, T, D], updated cache, indexer loss).
 
     Without a cache the tokens attend to each other (training, one-shot prefill). With a cache (leaves
-    [B, S_max, .], slot index = position) their latents are written at `positions` first and the
-    queries attend over the whole cache; slots past a query's position are invisible by causality.
+    [B, S_max, .], slot index = position; or a stacked [L, B, S_max, .] cache and this `layer`'s index)
+    their latents are written at `positions` first and the queries attend over the whole cache; slots
+    past a query's position are invisible by causality.
     indexer_loss (static, training without a cache): None, "dense_warmup" or "sparse" adds the indexer's
     KL loss (f32 scalar; else None), see `_attend_with_indexer_loss`.
     """
@@ -169,8 +171,9 @@ def mla(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array, conf
         raise ValueError("segment_ids (packed rows) are not supported together with a KV cache.")
     from dsjax import cache as cache_lib  # cache.py builds on this module's Latents
 
-    cache = cache_lib.write(cache, kv, positions)
-    b, s = cache.kv.shape[:2]
+    cache = cache_lib.write(cache, kv, positions, layer)
+    keys = cache_lib.read(cache, layer)
+    b, s = keys.kv.shape[:2]
     k_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    o_lat = attend(q, cache_lib.read(cache), config, q_positions=positions, k_positions=k_positions)
+    o_lat = attend(q, keys, config, q_positions=positions, k_positions=k_positions)
     return output(p, o_lat, config), cache, None

@@ -1,51 +1,162 @@
 """The KV cache of MLA + DSA: per layer, the latent (kv_lora_rank), the rotary key (qk_rope_head_dim)
-and the indexer key (index_head_dim), slot index = token position.
+and the indexer key (index_head_dim), slot index = token position; plus each sequence's length.
 
-Layout: {"dense": Latents, "moe": Latents}, each leaf [L_stack, B, S_max, dim], matching the scanned stacks.
+Layout (a plain dict pytree):
+
+    {"dense":   Latents,        leaves [L_dense, B, S_max, dim]   (matching the scanned stacks)
+     "moe":     Latents,        leaves [L_moe,   B, S_max, dim]
+     "mtp":     Latents,        leaves [B, S_max, dim]             (only with `mtp=True`: the MTP block)
+     "lengths": int32 [B]}      tokens written so far per sequence (= the next write position)
+
+With `indexer_numerics="official_fp8"` the indexer key is kept as the official kernels keep it (spec §5.5):
+`IndexKey(k8 e4m3 [..., S, Di], scale f32 [..., S, 1])`, written with `indexer.quantize_index_key` and
+read back with `dequantize_index_key`. The key that mode produces is already FP8-representable, so the
+round trip is lossless and decoding from this cache equals the full forward.
+
+Slots past a sequence's length may hold stale latents (a rejected speculative draft, right padding): they
+are never visible, because a key is visible only at k_pos <= q_pos and each sequence writes its slots in
+order, overwriting position p before any query at p reads it.
+
+Size per token per layer (`bytes_per_token` computes it for any config), in bf16:
+
+    latent 512·2 + rope key 64·2  = 1152 B (spec §4.3, as the official demo caches it)
+    + indexer key, bf16 128·2     =  256 B (spec §13: HF's index-key cache)          -> 1408 B
+    + indexer key, FP8 128 + 4    =  132 B (spec §5.5: official, "official_fp8")      -> 1284 B
+    V3 (no indexer)                                                                    -> 1152 B
 """
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 
+from dsjax import fp8
 from dsjax.attention import Latents
 from dsjax.config import Config
+from dsjax.indexer import dequantize_index_key, quantize_index_key
 
 
-def init_cache(config: Config, batch: int, max_len: int, dtype=None) -> dict[str, Latents]:
-    """An empty cache for `batch` sequences of up to `max_len` tokens."""
+class IndexKey(NamedTuple):
+    """The official indexer-key storage: one FP8 vector and one UE8M0 (power-of-two) scale per token."""
+
+    k8: jax.Array  # float8_e4m3fn [..., S, Di]
+    scale: jax.Array  # f32 [..., S, 1]
+
+
+# Logical axis names of the cache leaves: the `sharding` rules table maps them to mesh axes (batch like
+# the activations, slots over `sequence`, layers and feature dims replicated).
+CACHE_LAYERS, CACHE_BATCH, CACHE_LENGTH, CACHE_DIM = "cache_layers", "cache_batch", "cache_length", "cache_dim"
+
+
+def fp8_index_keys(config: Config) -> bool:
+    """Whether the cache stores indexer keys in the official FP8 format (with official numerics)."""
+    return config.has_indexer and config.indexer_numerics == "official_fp8"
+
+
+def _latents(config: Config, lead: tuple[int, ...], dt: Any) -> Latents:
     c = config
+    z = lambda d, t=dt: jnp.zeros(lead + (d,), t)
+    index_k = None
+    if c.has_indexer:
+        index_k = (IndexKey(z(c.index_head_dim, fp8.E4M3), z(1, jnp.float32)) if fp8_index_keys(c)
+                   else z(c.index_head_dim))
+    return Latents(z(c.kv_lora_rank), z(c.qk_rope_head_dim), index_k)
+
+
+def init_cache(config: Config, batch: int, max_len: int, dtype: Any = None, *, mtp: bool = False) -> dict[str, Any]:
+    """An empty cache for `batch` sequences of up to `max_len` tokens (layout in the module docstring).
+
+    dtype: storage dtype of the latents (default: the compute dtype). mtp: also cache the MTP block's
+    latents (speculative decoding drafts with it).
+    """
+    c = config
+    if batch <= 0 or max_len <= 0:
+        raise ValueError(f"init_cache: batch={batch} and max_len={max_len} must be positive.")
     dt = dtype or c.compute_dtype
-
-    def lat(n: int) -> Latents:
-        z = lambda d: jnp.zeros((n, batch, max_len, d), dt)
-        return Latents(z(c.kv_lora_rank), z(c.qk_rope_head_dim), z(c.index_head_dim) if c.has_indexer else None)
-
-    out = {}
+    out: dict[str, Any] = {}
     if c.n_dense_layers:
-        out["dense"] = lat(c.n_dense_layers)
+        out["dense"] = _latents(c, (c.n_dense_layers, batch, max_len), dt)
     if c.n_moe_layers:
-        out["moe"] = lat(c.n_moe_layers)
+        out["moe"] = _latents(c, (c.n_moe_layers, batch, max_len), dt)
+    if mtp:
+        if not c.num_nextn_predict_layers:
+            raise ValueError("init_cache(mtp=True): this config has no MTP module (num_nextn_predict_layers=0).")
+        out["mtp"] = _latents(c, (batch, max_len), dt)
+    out["lengths"] = jnp.zeros((batch,), jnp.int32)
     return out
 
 
-def write(cache: Latents, new: Latents, positions: jax.Array) -> Latents:
-    """Store the new tokens' latents at their positions (one layer).
+def axes_of(cache: Any) -> dict[str, Any]:
+    """Logical axis names of every leaf of a cache (arrays or `jax.ShapeDtypeStruct`s; same tree), e.g.
+    ("cache_layers", "cache_batch", "cache_length", "cache_dim") for the latents of a layer stack."""
+    lead = {"dense": (CACHE_LAYERS,), "moe": (CACHE_LAYERS,), "mtp": ()}
+    out: dict[str, Any] = {}
+    for key, sub in cache.items():
+        if key == "lengths":
+            out[key] = (CACHE_BATCH,)
+        else:
+            names = lead[key] + (CACHE_BATCH, CACHE_LENGTH, CACHE_DIM)
+            out[key] = jax.tree.map(lambda _: names, sub)
+    return out
 
-    cache leaves [B, S, .], new leaves [B, T, .], positions [B, T]; positions < 0 (padding) are dropped.
+
+def cache_axes(config: Config, *, mtp: bool = False) -> dict[str, Any]:
+    """Logical axis names of every leaf of `init_cache(config, ..., mtp=mtp)` (same tree)."""
+    return axes_of(jax.eval_shape(lambda: init_cache(config, 1, 1, mtp=mtp)))
+
+
+def bytes_per_token(config: Config, dtype: Any = None) -> dict[str, int]:
+    """Cache bytes per token per layer: {"latent", "rope_key", "index_key", "total"} (see module docstring)."""
+    c = config
+    item = jnp.dtype(dtype or c.compute_dtype).itemsize
+    index_key = 0
+    if c.has_indexer:
+        index_key = c.index_head_dim + 4 if fp8_index_keys(c) else c.index_head_dim * item
+    out = {"latent": c.kv_lora_rank * item, "rope_key": c.qk_rope_head_dim * item, "index_key": index_key}
+    out["total"] = sum(out.values())
+    return out
+
+
+def cache_bytes(config: Config, batch: int, max_len: int, dtype: Any = None, *, mtp: bool = False) -> int:
+    """Total bytes of `init_cache(config, batch, max_len, dtype, mtp=mtp)` (without allocating it)."""
+    shapes = jax.eval_shape(lambda: init_cache(config, batch, max_len, dtype, mtp=mtp))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+
+def layer_caches(cache: dict[str, Any]) -> dict[str, Latents]:
+    """The main model's per-stack caches (what `model.forward_hidden(cache=...)` reads and returns)."""
+    return {k: v for k, v in cache.items() if k in ("dense", "moe")}
+
+
+def write(cache: Latents, new: Latents, positions: jax.Array, layer: jax.Array | None = None) -> Latents:
+    """Store the new tokens' latents at their positions; positions < 0 (padding) are dropped.
+
+    new leaves [B, T, .], positions [B, T]. cache leaves [B, S, .] (one layer), or with `layer` a stacked
+    cache [L, B, S, .] written at that layer: only the T new rows are touched, so a donated cache is
+    updated in place instead of copied.
     """
-    s = cache.kv.shape[1]
+    s = cache.kv.shape[-2]
     pos = jnp.where(positions >= 0, positions, s)
+    rows = jnp.arange(pos.shape[0])[:, None]
 
     def put(c, n):
         if c is None:
             return None
-        return jax.vmap(lambda cb, nb, pb: cb.at[pb].set(nb.astype(cb.dtype), mode="drop"))(c, n, pos)
+        if isinstance(c, IndexKey):
+            return IndexKey(*(put(a, b) for a, b in zip(c, quantize_index_key(n))))
+        idx = (rows, pos) if layer is None else (layer, rows, pos)
+        return c.at[idx].set(n.astype(c.dtype), mode="drop")
 
     return Latents(*(put(c, n) for c, n in zip(cache, new)))
 
 
-def read(cache: Latents) -> Latents:
-    """The cached latents as the attention ops consume them (one layer)."""
+def read(cache: Latents, layer: jax.Array | None = None) -> Latents:
+    """The cached latents of one layer as the attention ops consume them (leaves [B, S, .], FP8 index
+    keys dequantised); `layer` selects it from a stacked cache [L, B, S, .]."""
+    if layer is not None:
+        cache = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False), cache)
+    if isinstance(cache.index_k, IndexKey):
+        cache = cache._replace(index_k=dequantize_index_key(*cache.index_k, dtype=cache.kv.dtype))
     return cache

@@ -41,14 +41,16 @@ def embed(params: Params, tokens: jax.Array, config: Config) -> jax.Array:
 
 def block(p: Params, carry: tuple[jax.Array, jax.Array], cos: jax.Array, sin: jax.Array, config: Config, *,
           positions: jax.Array, segment_ids: jax.Array | None, is_moe: bool,
-          cache: attention.Latents | None = None, indexer_loss: str | None = None):
+          cache: attention.Latents | None = None, layer: jax.Array | None = None,
+          indexer_loss: str | None = None):
     """One decoder layer on the (h, resid) carry -> (new carry, MoE stats or None, updated cache or None,
-    indexer KL loss or None)."""
+    indexer KL loss or None). `layer`: this layer's index when `cache` is the whole stack's cache (see
+    `attention.mla`)."""
     h, resid = carry
     eps = config.rms_norm_eps
     x, resid = add_rms_norm(h, resid, p["attn_norm"], eps)
     a, cache, iloss = attention.mla(p["attn"], x, cos, sin, config, positions=positions,
-                                    segment_ids=segment_ids, cache=cache, indexer_loss=indexer_loss)
+                                    segment_ids=segment_ids, cache=cache, layer=layer, indexer_loss=indexer_loss)
     x, resid = add_rms_norm(a, resid, p["mlp_norm"], eps)
     if is_moe:
         f, stats = moe_lib.moe(p["moe"], x, config)
@@ -64,12 +66,23 @@ def _stack(stack: Params, carry, cos, sin, config: Config, *, positions, segment
     if remat is not None:
         fn = jax.checkpoint(fn, policy=remat_policy(remat))
 
-    def step(c, xs):
-        p, layer_cache = xs
-        c, stats, layer_cache, iloss = fn(p, c, cache=layer_cache)
-        return c, (stats, layer_cache, iloss)
+    if cache is None:
+        def step(c, p):
+            c, stats, _, iloss = fn(p, c)
+            return c, (stats, iloss)
 
-    carry, (stats, cache, iloss) = jax.lax.scan(step, carry, (stack, cache))
+        carry, (stats, iloss) = jax.lax.scan(step, carry, stack)
+        return carry, stats, None, iloss
+
+    # The stacked cache rides in the scan carry and each layer writes only its new rows into it. (As a
+    # scanned input/output it would be sliced and re-stacked every call: a full copy of the cache per
+    # decode step, which dominates a DSA step at long context.)
+    def cached_step(c, p):
+        h, full, i = c
+        h, stats, full, iloss = fn(p, h, cache=full, layer=i)
+        return (h, full, i + 1), (stats, iloss)
+
+    (carry, cache, _), (stats, iloss) = jax.lax.scan(cached_step, (carry, cache, jnp.int32(0)), stack)
     return carry, stats, cache, iloss
 
 

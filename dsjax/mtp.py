@@ -5,7 +5,8 @@
     logits_{i+2} = lm_head(norm(z))                      # embedding table and head shared with the model
 
 h_i is the main model's final-normed hidden state (as vLLM / SGLang feed it). The MTP output after its
-norm is what a further draft step would use as h.
+norm is what a further draft step would use as h. With a cache (`mtp_forward(cache=...)`) the block keeps its
+own latents, so speculative decoding drafts one token per step (`dsjax.generate(..., mtp=True)`).
 """
 
 from __future__ import annotations
@@ -15,19 +16,22 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from dsjax.attention import Latents
 from dsjax.config import Config
 from dsjax.layers import add_rms_norm, dense, rms_norm
 from dsjax.model import block, default_positions, embed, lm_head
 from dsjax.rope import cos_sin
 
 
-def mtp_hidden(params: Mapping[str, Any], hidden: jax.Array, next_tokens: jax.Array, config: Config, *,
-               positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-               return_stats: bool = False):
-    """MTP hidden state [B, L, D] from the main hidden [B, L, D] and the next tokens t_{i+1} [B, L].
+def mtp_forward(params: Mapping[str, Any], hidden: jax.Array, next_tokens: jax.Array, config: Config, *,
+                positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                cache: Latents | None = None, return_stats: bool = False) -> tuple:
+    """MTP hidden state [B, T, D] and the MTP block's updated cache (and, with return_stats, its MoEStats
+    or None: training needs them for the balance loss and the router-bias update).
 
-    With return_stats=True returns (hidden, MoEStats or None): the MTP block's routing statistics, which
-    training needs for its balance loss and router-bias update.
+    hidden: the main model's final-normed hidden [B, T, D] at `positions`; next_tokens: t_{i+1} [B, T].
+    cache: optional MTP-layer latents (leaves [B, S_max, .], slot = position) for speculative drafting;
+    the new rows are written at `positions` (< 0: dropped) and the block attends over the whole cache.
     """
     c = config
     if "mtp" not in params:
@@ -38,10 +42,16 @@ def mtp_hidden(params: Mapping[str, Any], hidden: jax.Array, next_tokens: jax.Ar
     e = rms_norm(embed(params, next_tokens, c), p["enorm"], c.rms_norm_eps)
     h = rms_norm(hidden.astype(c.compute_dtype), p["hnorm"], c.rms_norm_eps)
     z = dense(jnp.concatenate([e, h], axis=-1), p["eh_proj"])
-    (f, resid), stats, *_ = block(p["block"], (z, jnp.zeros_like(z)), cos, sin, c, positions=positions,
-                                  segment_ids=segment_ids, is_moe=c.mtp_is_moe)
+    (f, resid), stats, cache, _ = block(p["block"], (z, jnp.zeros_like(z)), cos, sin, c, positions=positions,
+                                        segment_ids=segment_ids, is_moe=c.mtp_is_moe, cache=cache)
     out, _ = add_rms_norm(f, resid, p["norm"], c.rms_norm_eps)
-    return (out, stats) if return_stats else out
+    return (out, cache, stats) if return_stats else (out, cache)
+
+
+def mtp_hidden(params: Mapping[str, Any], hidden: jax.Array, next_tokens: jax.Array, config: Config, *,
+               positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+    """MTP hidden state [B, L, D] from the main hidden [B, L, D] and the next tokens t_{i+1} [B, L]."""
+    return mtp_forward(params, hidden, next_tokens, config, positions=positions, segment_ids=segment_ids)[0]
 
 
 def mtp_logits(params: Mapping[str, Any], hidden: jax.Array, tokens: jax.Array, config: Config, *,

@@ -134,7 +134,7 @@ def build(mode: str, config, mesh, batch: int, seq_len: int, weights: str, remat
 
         return (step, (params, state, tokens), (ps, ss, tok_sh), (rep, ps, ss), (0, 1),
                 {"params": 0, "optimizer state": 1, "tokens": 2})
-    cache = jax.eval_shape(lambda: cache_lib.init_cache(config, batch, seq_len))
+    cache = jax.eval_shape(lambda: cache_lib.layer_caches(cache_lib.init_cache(config, batch, seq_len)))
     cs = sharding.cache_shardings(cache, mesh)
     t_new = seq_len if mode == "prefill" else 1
     tokens = jax.ShapeDtypeStruct((batch, t_new), jnp.int32)

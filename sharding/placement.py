@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from dsjax.config import Config
 from dsjax.params import ParamSpec, param_specs
 from sharding.mesh import check_mesh
-from sharding.rules import CACHE_AXES, logical_to_spec, spec_size
+from sharding.rules import logical_to_spec, spec_size
 
 
 def _is_spec(x: Any) -> bool:
@@ -93,8 +93,12 @@ def shard_params(params: Any, config: Config, mesh: Mesh) -> Any:
 
 
 def cache_shardings(cache: Any, mesh: Mesh) -> Any:
-    """Shardings of a KV cache ({"dense"/"moe": Latents}, leaves [L, B, S_max, dim]; arrays or shapes)."""
-    return jax.tree.map(lambda x: NamedSharding(mesh, logical_to_spec(CACHE_AXES, mesh, x.shape)), cache)
+    """Shardings of a KV cache (`dsjax.cache.init_cache`: latents [L, B, S_max, dim], MTP latents
+    [B, S_max, dim], lengths [B]; arrays or shapes), by the logical axes of `dsjax.cache.axes_of`."""
+    from dsjax.cache import axes_of
+
+    return jax.tree.map(lambda x, axes: NamedSharding(mesh, logical_to_spec(axes, mesh, x.shape)), cache,
+                        axes_of(cache))
 
 
 def _dict_path(path: Sequence[Any]) -> tuple[str, ...]:

@@ -115,8 +115,9 @@ def test_cache_shardings_split_batch_and_length():
 
     cache = jax.eval_shape(lambda: cache_lib.init_cache(TINY, 8, 256))
     cs = sharding.cache_shardings(cache, amesh(data=2, expert=2, sequence=2))
-    for s in jax.tree.leaves(cs):
+    for s in jax.tree.leaves(cache_lib.layer_caches(cs)):
         assert s.spec == P(None, ("data", "expert"), "sequence")
+    assert cs["lengths"].spec == P(("data", "expert"))
 
 
 def test_fp8_leaves_split_like_their_matrix_scales_where_they_divide():

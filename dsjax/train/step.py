@@ -178,8 +178,8 @@ def _loss_body(train, variables, mb, denom, config: Config, tc: TrainConfig):
         loads["moe"] = jnp.mean(aux.moe_load, axis=1)  # [L_moe, E]
     if tc.mtp_weight and "mtp" in params and tc.stage != "indexer_warmup":
         next_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-        h, stats = mtp_lib.mtp_hidden(params, aux.hidden, next_tokens, config, positions=pos, segment_ids=seg,
-                                      return_stats=True)
+        h, _, stats = mtp_lib.mtp_forward(params, aux.hidden, next_tokens, config, positions=pos, segment_ids=seg,
+                                          return_stats=True)
         t2, w2 = mtp_targets(mb["targets"], mb["weights"], seg)
         terms["mtp"] = cross_entropy(model.lm_head(params, h), t2, w2)[0] / denom["mtp_tokens"]
         if stats is not None:
