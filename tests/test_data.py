@@ -55,7 +55,27 @@ def test_chat_mask_targets_and_packing(tok, tmp_path):
     # Only the assistant reply (and its EOS) is trained; the prompt, markers and system text are not.
     reply = tok.encode("epsilon zeta").ids + [eos]
     assert np.array_equal(targets[chat][w[chat] == 1], reply)
-    assert tok.token_to_id(data.USER) in tokens[chat] and tok.token_to_id(data.END_THINK) in tokens[chat]
+    assert tok.token_to_id(dsjax.chat.USER) in tokens[chat] and tok.token_to_id(dsjax.chat.THINK_END) in tokens[chat]
+
+
+def test_chat_segments_thinking_and_tools():
+    """Thinking mode: the last user turn opens <think>, the reply after it is trained with its reasoning;
+    tool results are context. Rendering is dsjax.chat's (the inference encoder), so train and serve agree."""
+    from dsjax import chat
+
+    msgs = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1", "reasoning_content": "old"},
+            {"role": "user", "content": "q2"},
+            {"role": "assistant", "content": "", "reasoning_content": "r2",
+             "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "content": "out"}, {"role": "assistant", "content": "a2", "reasoning_content": "r3"}]
+    segs = data.chat_segments(msgs, thinking=True)
+    assert "".join(t for t, _ in segs) == chat.encode_messages(msgs, thinking=True, add_bos=False)
+    assert [trained for _, trained in segs] == [False, True, False, True, False, True]
+    assert segs[1][0] == "a1" + chat.EOS  # reasoning of an earlier episode is dropped
+    assert segs[2][0].endswith(chat.THINK_START) and segs[3][0].startswith("r2" + chat.THINK_END)
+    assert segs[5][0] == "r3" + chat.THINK_END + "a2" + chat.EOS
+    with pytest.raises(data.DataError, match="unknown role"):
+        data.chat_segments([{"role": "narrator", "content": "x"}])
 
 
 def test_sources_agree_and_shuffle_shard(tok, tmp_path):

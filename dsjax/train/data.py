@@ -1,7 +1,8 @@
 """Training data with grain: documents -> tokens -> packed rows -> batches, with a checkpointable iterator.
 
 Sources (chosen by file extension, or `DataConfig.format`):
-  * JSONL (`.jsonl`, `.json`): one document per line, `{"text": ...}` or chat `{"messages": [{"role", "content"}]}`;
+  * JSONL (`.jsonl`, `.json`): one document per line, `{"text": ...}` or chat `{"messages": [{"role", "content"}]}`
+   (rendered by `dsjax.chat`; only the assistant turns are trained);
   * plain text (`.txt`, ...): documents separated by `text_separator` (a blank line by default);
   * ArrayRecord (`.array_record`): each record UTF-8 JSON as above, or raw UTF-8 text.
 
@@ -31,11 +32,9 @@ from typing import Any, Iterable, Sequence
 import grain
 import numpy as np
 
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
-USER = "<｜User｜>"
-ASSISTANT = "<｜Assistant｜>"
-THINK, END_THINK = "<think>", "</think>"
+from dsjax import chat
+from dsjax.chat import BOS, EOS
+
 FORMATS = ("auto", "jsonl", "text", "arrayrecord")
 PACKINGS = ("first_fit", "concat")
 
@@ -67,6 +66,7 @@ class DataConfig:
     shard_index: int | None = None  # default jax.process_index()
     shard_count: int | None = None  # default jax.process_count()
     num_threads: int = 2  # tokenization threads (grain ReadOptions)
+    chat_thinking: bool = False  # render chat records in thinking mode (dsjax.chat.encode_messages(thinking=))
 
     def __post_init__(self):
         if isinstance(self.paths, str):
@@ -154,32 +154,19 @@ def read_documents(cfg: DataConfig) -> grain.MapDataset:
 
 
 # --------------------------------------------------------------------------------------------- tokenizing
-def chat_segments(messages: Sequence[dict]) -> list[tuple[str, bool]]:
-    """The DeepSeek V3.2 chat rendering (spec §11) as (text, trained) pieces; only assistant replies train.
-
-    system: raw text; user: `<｜User｜>{content}<｜Assistant｜>`; assistant: the prompt marker `</think>`
-    (non-thinking) or `<think>` (when it has `reasoning_content`), then the trained reply
-    `[{reasoning}</think>]{content}<｜end▁of▁sentence｜>`. The BOS token is added by the tokenizing step.
-    """
-    out: list[tuple[str, bool]] = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content", ""), str):
-            raise DataError(f"chat message {i} must be {{'role': ..., 'content': str}}, got {str(m)[:80]!r}.")
-        role, content = m["role"], m.get("content") or ""
-        if role == "system":
-            out.append((content, False))
-        elif role == "user":
-            out.append((USER + content + ASSISTANT, False))
-        elif role == "assistant":
-            reasoning = m.get("reasoning_content")
-            if reasoning:
-                out += [(THINK, False), (reasoning + END_THINK + content + EOS, True)]
-            else:
-                out += [(END_THINK, False), (content + EOS, True)]
-        else:
-            raise DataError(f"chat role {role!r} (message {i}) is not supported for training; "
-                            "use system / user / assistant.")
-    return out
+def chat_segments(messages: Sequence[dict], *, thinking: bool = False) -> list[tuple[str, bool]]:
+    """A conversation as (text, trained) pieces in the V3.2 rendering of `dsjax.chat` (spec §11): one piece
+    per message, and only assistant turns (reply, reasoning kept where the format keeps it, tool calls, EOS)
+    are trained; system, user (with its `<think>` / `</think>` marker) and tool-result text are context.
+    The BOS token is added by the tokenizing step."""
+    if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
+        raise DataError(f"'messages' must be a list of {{'role': ..., 'content': ...}} dicts, got {str(messages)[:80]!r}.")
+    last_user = chat._last_user(messages)
+    try:
+        return [(chat._render(i, messages, thinking, last_user), m.get("role") == "assistant")
+                for i, m in enumerate(messages)]
+    except ValueError as e:
+        raise DataError(f"chat record: {e}") from None
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -204,8 +191,10 @@ class Tokenize:
     trained. With first_fit packing a document is truncated to max_len targets.
     """
 
-    def __init__(self, tokenizer: Any, *, max_len: int | None, add_bos: bool, add_eos: bool):
+    def __init__(self, tokenizer: Any, *, max_len: int | None, add_bos: bool, add_eos: bool,
+                 thinking: bool = False):
         self.tokenizer = tokenizer
+        self.thinking = thinking
         self.max_len = max_len
         self.bos = _special_id(tokenizer, BOS) if add_bos else None
         self.eos = _special_id(tokenizer, EOS) if add_eos else None
@@ -216,7 +205,7 @@ class Tokenize:
         if "messages" in doc:
             ids: list[int] = [] if self.bos is None else [self.bos]
             trained: list[bool] = [False] * len(ids)
-            for text, train in chat_segments(doc["messages"]):
+            for text, train in chat_segments(doc["messages"], thinking=self.thinking):
                 piece = _encode(self.tokenizer, text)
                 ids += piece
                 trained += [train] * len(piece)
@@ -261,7 +250,7 @@ def make_dataset(cfg: DataConfig, tokenizer: Any, *, vocab_size: int | None = No
     if len(docs) == 0:
         raise DataError(f"data shard {index}/{count} is empty: {cfg.paths} hold fewer documents than processes.")
     tok = Tokenize(tokenizer, max_len=cfg.seq_len if cfg.packing == "first_fit" else None,
-                   add_bos=cfg.add_bos, add_eos=cfg.add_eos)
+                   add_bos=cfg.add_bos, add_eos=cfg.add_eos, thinking=cfg.chat_thinking)
     if not any(tok(docs[i]) is not None for i in range(min(len(docs), 64))):
         raise DataError(f"the first {min(len(docs), 64)} documents of {cfg.paths} tokenize to fewer than 2 tokens; "
                         "the dataset is effectively empty.")
