@@ -180,8 +180,9 @@ def _special_id(tokenizer: Any, token: str) -> int | None:
 
 
 def vocab_size_of(tokenizer: Any) -> int:
+    """Token count of a `tokenizers.Tokenizer` or a `dsjax.Tokenizer`."""
     fn = getattr(tokenizer, "get_vocab_size", None)
-    return int(fn(with_added_tokens=True)) if fn is not None else int(len(tokenizer))
+    return int(fn(with_added_tokens=True)) if fn is not None else int(tokenizer.vocab_size)
 
 
 class Tokenize:
