@@ -25,8 +25,9 @@ from dsjax.rope import cos_sin
 
 def mtp_forward(params: Mapping[str, Any], hidden: jax.Array, next_tokens: jax.Array, config: Config, *,
                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                cache: Latents | None = None) -> tuple[jax.Array, Latents | None]:
-    """MTP hidden state [B, T, D] and the MTP block's updated cache.
+                cache: Latents | None = None, return_stats: bool = False) -> tuple:
+    """MTP hidden state [B, T, D] and the MTP block's updated cache (and, with return_stats, its MoEStats
+    or None: training needs them for the balance loss and the router-bias update).
 
     hidden: the main model's final-normed hidden [B, T, D] at `positions`; next_tokens: t_{i+1} [B, T].
     cache: optional MTP-layer latents (leaves [B, S_max, .], slot = position) for speculative drafting;
@@ -41,10 +42,10 @@ def mtp_forward(params: Mapping[str, Any], hidden: jax.Array, next_tokens: jax.A
     e = rms_norm(embed(params, next_tokens, c), p["enorm"], c.rms_norm_eps)
     h = rms_norm(hidden.astype(c.compute_dtype), p["hnorm"], c.rms_norm_eps)
     z = dense(jnp.concatenate([e, h], axis=-1), p["eh_proj"])
-    (f, resid), _, cache, _ = block(p["block"], (z, jnp.zeros_like(z)), cos, sin, c, positions=positions,
-                                    segment_ids=segment_ids, is_moe=c.mtp_is_moe, cache=cache)
+    (f, resid), stats, cache, _ = block(p["block"], (z, jnp.zeros_like(z)), cos, sin, c, positions=positions,
+                                        segment_ids=segment_ids, is_moe=c.mtp_is_moe, cache=cache)
     out, _ = add_rms_norm(f, resid, p["norm"], c.rms_norm_eps)
-    return out, cache
+    return (out, cache, stats) if return_stats else (out, cache)
 
 
 def mtp_hidden(params: Mapping[str, Any], hidden: jax.Array, next_tokens: jax.Array, config: Config, *,

@@ -1,0 +1,304 @@
+"""The training loop shared by `experiments/finetune.py` and `experiments/quickstart.py`.
+
+    run(RunConfig) -> RunResult
+
+It builds the model (from a preset config, a converted / HF checkpoint, or an earlier training run), the
+grain data iterator and the train state; resumes from WORKDIR/checkpoints when asked; then steps with a
+tqdm bar (loss, tokens/s), logging every term to TensorBoard (WORKDIR/tensorboard) and metrics.jsonl,
+saving asynchronously every `save_every` steps (keeping `keep`), and on SIGTERM saving at the current step
+before returning. At the end it writes WORKDIR/loss_curve.png and, if asked, exports HF safetensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsjax.config import Config
+from dsjax.params import init_params
+from dsjax.train import checkpointing as ckpt_lib
+from dsjax.train import data as data_lib
+from dsjax.train import lora as lora_lib
+from dsjax.train import metrics as metrics_lib
+from dsjax.train import step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A training run. `model` is the architecture for a from-scratch run (None with init_ckpt, whose
+    config is used); `model_options` then sets dsjax runtime options on it (dtype, param_dtype, backends)."""
+
+    train: step_lib.TrainConfig
+    data: data_lib.DataConfig
+    tokenizer: str | Any  # path to tokenizer.json, or a tokenizer object
+    steps: int
+    workdir: str
+    model: Config | None = None
+    model_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    init_ckpt: str | None = None
+    save_every: int = 100
+    keep: int = 3
+    resume: bool = False
+    seed: int = 0
+    mesh: Any = None
+    export_hf: str | None = None
+    progress: bool = True
+    time_limit_s: float | None = None  # stop (and save) after the step that crosses this budget (from run())
+
+
+@dataclasses.dataclass
+class RunResult:
+    config: Config
+    state: Any
+    rows: list[dict[str, float]]  # metrics.jsonl rows of the whole run (earlier segments included)
+    step: int
+    preempted: bool
+    paths: dict[str, str]
+    stopped_early: bool = False  # the time limit ended the run before rc.steps
+
+
+# --------------------------------------------------------------------------------------------- model init
+def _exporter() -> Callable:
+    """`export(params, config, out_dir, workdir)`: params -> a dsjax checkpoint (`checkpoints.save`, kept as
+    WORKDIR/final_params) -> HF safetensors (`checkpoints.export`)."""
+    import checkpoints
+    from checkpoints import export as export_mod
+
+    def export(params: Any, config: Config, out_dir: str, workdir: str) -> str:
+        final = os.path.join(workdir, "final_params")
+        checkpoints.save(final, params, config, overwrite=True)
+        export_mod.export(final, out_dir, progress=jax.process_index() == 0)
+        return final
+
+    return export
+
+
+def load_initial(rc: RunConfig) -> tuple[Config, Any]:
+    """(config, params) from rc.init_ckpt (training run, converted Orbax checkpoint, or HF directory) or
+    fresh random params for rc.model."""
+    opts = dict(rc.model_options)
+    path = rc.init_ckpt
+    if path is None:
+        if rc.model is None:
+            raise ValueError("give a model config (--config=tiny, ...) or a checkpoint (--init_ckpt=DIR).")
+        config = rc.model.replace(**opts) if opts else rc.model
+        return config, init_params(config, jax.random.key(rc.seed))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--init_ckpt={path!r} does not exist.")
+    if ckpt_lib.is_train_checkpoint(path):  # e.g. stage 2 starting from the indexer warm-up
+        ck = ckpt_lib.TrainCheckpointer(path)
+        meta = ck.read_meta()
+        config = ckpt_lib.config_from_dict(meta["config"]).replace(**opts)
+        state = ck.read_state()
+        ck.close()
+        params = state["params"]
+        if meta.get("lora"):
+            params = lora_lib.merge(params, state["lora"], config, lora_lib.LoraConfig(**meta["lora"]))
+        params = jax.tree.map(jnp.asarray, params)
+        return config, params
+    import checkpoints
+
+    dtype = opts.get("param_dtype")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        config, params = checkpoints.load_hf(path, dtype=dtype)
+    else:  # a converted (or checkpoints.save'd) dsjax checkpoint; CheckpointError says what is wrong otherwise
+        config, params = checkpoints.load(path, mesh=rc.mesh, dtype=dtype)
+    return config.replace(**opts), params
+
+
+# --------------------------------------------------------------------------------------------- placement
+def place_state(state: Any, config: Config, mesh: Any) -> Any:
+    """Put the train state on `mesh`: params by the sharding rules, optimizer moments like their params,
+    everything else (step, RNG, counts, LoRA adapters) replicated."""
+    if mesh is None:
+        return state
+    import sharding
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    params = sharding.shard_params(state["params"], config, mesh)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    by_path = {tuple(str(k.key) for k in kp): x.sharding for kp, x in flat}
+    by_shape = {tuple(str(k.key) for k in kp): x.shape for kp, x in flat}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(kp, x):
+        # An optimizer moment's path is (opt_state, <optax nesting>, "params", <the param's path>).
+        names = tuple(str(k.key) for k in kp if isinstance(k, jax.tree_util.DictKey))
+        s = by_path.get(names[names.index("params") + 1:]) if "params" in names else None
+        return jax.device_put(x, s if s is not None and x.shape == by_shape[names[names.index("params") + 1:]]
+                              else replicated)
+
+    rest = {k: v for k, v in state.items() if k != "params"}
+    return {**jax.tree_util.tree_map_with_path(one, rest), "params": params}
+
+
+def place_batch(batch: Mapping[str, np.ndarray], mesh: Any) -> dict[str, jax.Array]:
+    """Host batch -> device arrays; on a mesh sharded over the data axes (each process gives its rows)."""
+    if mesh is None:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    import sharding
+
+    out = {}
+    for k, v in batch.items():
+        shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+        s = sharding.logical_to_sharding(sharding.TOKEN_AXES, mesh, shape)
+        out[k] = jax.device_put(v, s) if jax.process_count() == 1 else \
+            jax.make_array_from_process_local_data(s, v, shape)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- run
+def _meta(config: Config, rc: RunConfig) -> dict[str, Any]:
+    tc = rc.train
+    train = dataclasses.asdict(tc)
+    return {"config": ckpt_lib.config_to_dict(config), "stage": tc.stage, "train": train,
+            "lora": train["lora"], "seq_len": rc.data.seq_len, "batch_size": rc.data.batch_size,
+            "data_seed": rc.data.seed, "packing": rc.data.packing,
+            "tokenizer": rc.tokenizer if isinstance(rc.tokenizer, str) else None}
+
+
+def _check_resume(meta: Mapping[str, Any], now: Mapping[str, Any], directory: str) -> None:
+    """A resumed run must use the settings that wrote the checkpoint (else it is not the same run)."""
+    diff = [f"{k}: {meta.get(k)!r} -> {now[k]!r}" for k in ("seq_len", "batch_size", "data_seed", "packing")
+            if meta.get(k) != now[k]]
+    for part in ("train", "config"):
+        old, new = meta.get(part, {}), json.loads(json.dumps(now[part]))  # tuples -> lists, as stored
+        diff += [f"{part}.{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
+    if diff:
+        hint = (" (the lr schedule spans --steps unless --schedule_steps is set: to extend a run keep "
+                "--schedule_steps at its original length)" if any(d.startswith("train.optim") for d in diff) else "")
+        raise ValueError(f"--resume: the checkpoint in {directory} was written with different settings "
+                         f"({'; '.join(diff)}); resume with the original flags or use a new --workdir{hint}.")
+
+
+def validate(config: Config, rc: RunConfig) -> None:
+    """Every flag / config problem we can see before spending time on data or compilation."""
+    if rc.steps < 1:
+        raise ValueError(f"steps={rc.steps} must be >= 1.")
+    if rc.data.seq_len > config.max_position_embeddings:
+        raise ValueError(f"seq_len={rc.data.seq_len} exceeds the model's max_position_embeddings="
+                         f"{config.max_position_embeddings}; lower --seq_len.")
+    if rc.data.batch_size % rc.train.grad_accum:
+        raise ValueError(f"batch_size={rc.data.batch_size} must be a multiple of grad_accum={rc.train.grad_accum}.")
+    step_lib.check_stage(config, rc.train)
+    if rc.train.stage == "sparse" and rc.data.seq_len <= config.index_topk:
+        raise ValueError(f"stage=sparse with seq_len={rc.data.seq_len} <= index_topk={config.index_topk}: DSA "
+                         "never prunes; use longer rows or --stage=sft.")
+    if rc.export_hf:
+        if os.path.exists(rc.export_hf):
+            raise ValueError(f"--export_hf={rc.export_hf!r} already exists; choose a new directory (nothing is "
+                             "overwritten).")
+    if rc.mesh is not None:
+        import sharding
+
+        sharding.check_mesh(config, rc.mesh)
+
+
+def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) -> RunResult:
+    """Train for rc.steps optimizer steps (continuing a resumed run up to that total)."""
+    t_start = time.perf_counter()  # the time limit covers set-up and compilation too
+    if rc.init_ckpt is None and rc.model is not None:  # fail fast, before initialising parameters
+        validate(rc.model.replace(**rc.model_options), rc)
+    config, params = load_initial(rc)
+    validate(config, rc)
+    tokenizer = data_lib.load_tokenizer(rc.tokenizer) if isinstance(rc.tokenizer, str) else rc.tokenizer
+    it = data_lib.make_iterator(rc.data, tokenizer, vocab_size=config.vocab_size)
+    tc = rc.train
+    adapters = None if tc.lora is None else lora_lib.init(config, tc.lora, jax.random.fold_in(jax.random.key(rc.seed), 1))
+    state = step_lib.init_state(params, config, tc, jax.random.fold_in(jax.random.key(rc.seed), 2), adapters)
+    state = place_state(state, config, rc.mesh)
+    del params, adapters
+
+    os.makedirs(rc.workdir, exist_ok=True)
+    paths = {"workdir": os.path.abspath(rc.workdir),
+             "checkpoints": os.path.abspath(os.path.join(rc.workdir, "checkpoints")),
+             "tensorboard": os.path.abspath(os.path.join(rc.workdir, "tensorboard")),
+             "metrics": os.path.abspath(os.path.join(rc.workdir, "metrics.jsonl")),
+             "loss_curve": os.path.abspath(os.path.join(rc.workdir, "loss_curve.png"))}
+    ck = ckpt_lib.TrainCheckpointer(paths["checkpoints"], save_every=rc.save_every, keep=rc.keep)
+    meta = _meta(config, rc)
+    latest = ck.latest_step()
+    if latest is not None and not rc.resume:
+        ck.close()
+        raise ValueError(f"{paths['checkpoints']} already holds checkpoints (up to step {latest}); pass --resume to "
+                         "continue that run, or choose a new --workdir.")
+    if latest is not None:
+        _check_resume(ck.read_meta(latest), meta, paths["checkpoints"])
+        state, _ = ck.restore(state, it, latest)
+    start = int(state["step"])
+
+    step_fn = step_lib.compiled_step(config, tc, rc.mesh)
+    writer = metrics_lib.ScalarWriter(paths["tensorboard"]) if jax.process_index() == 0 else None
+    log = metrics_lib.MetricsLog(paths["metrics"]) if jax.process_index() == 0 else None
+    preempted = stopped = False
+    bar = None
+    if rc.progress and jax.process_index() == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=rc.steps, initial=start, desc=f"{tc.stage}", unit="step", dynamic_ncols=True)
+    try:
+        with ckpt_lib.PreemptionGuard() as guard:
+            t_last = time.perf_counter()
+            for step in range(start, rc.steps):
+                host_batch = data_lib.next_batch(it, rc.data)
+                n_tokens = int((host_batch["segment_ids"] > 0).sum()) * jax.process_count()
+                state, m = step_fn(state, place_batch(host_batch, rc.mesh))
+                scalars = metrics_lib.flatten_metrics(jax.device_get(m))
+                now = time.perf_counter()
+                scalars["tokens_per_s"] = n_tokens / max(now - t_last, 1e-9)
+                t_last = now
+                if not np.isfinite(scalars["loss"]):
+                    raise FloatingPointError(f"step {step + 1}: loss is {scalars['loss']}; lower the learning rate "
+                                             "or check the data (the last checkpoint is intact).")
+                if log is not None:
+                    log.write(step + 1, scalars)
+                    writer.write(step + 1, scalars)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{scalars['tokens_per_s']:.0f}")
+                    bar.update(1)
+                if on_step is not None:
+                    on_step(step + 1, scalars)
+                ck.save(step + 1, state, it, meta)
+                if guard.requested:
+                    preempted = True
+                    ck.save(step + 1, state, it, meta, force=True)
+                    break
+                if rc.time_limit_s is not None and now - t_start > rc.time_limit_s and step + 1 < rc.steps:
+                    stopped = True
+                    break
+            final = int(state["step"])
+            ck.save(final, state, it, meta, force=True)
+            ck.wait()
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+        if log is not None:
+            log.close()
+        ck.close()
+    rows = metrics_lib.read_metrics(paths["metrics"])
+    if jax.process_index() == 0 and rows:
+        metrics_lib.plot_loss_curve(rows, paths["loss_curve"], title=f"dsjax {tc.stage}")
+    if rc.export_hf and not preempted:
+        params = state["params"] if tc.lora is None else lora_lib.merge(state["params"], state["lora"], config, tc.lora)
+        paths["final_params"] = os.path.abspath(_exporter()(params, config, rc.export_hf, rc.workdir))
+        paths["export_hf"] = os.path.abspath(rc.export_hf)
+    return RunResult(config, state, rows, int(state["step"]), preempted, paths, stopped)
+
+
+def summary(res: RunResult) -> str:
+    """Where everything is, for the end of a script."""
+    lines = [f"{'preempted at' if res.preempted else 'finished'} step {res.step}"]
+    for k in ("checkpoints", "tensorboard", "metrics", "loss_curve", "final_params", "export_hf"):
+        if k in res.paths:
+            lines.append(f"  {k:12s} {res.paths[k]}")
+    return "\n".join(lines)
+
