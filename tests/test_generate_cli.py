@@ -2,7 +2,6 @@
 checkpoint onto an expert x tensor mesh, encodes a V3.2 chat with a tokenizer, streams the answer and
 prints tokens/s; its ids equal HF greedy decoding of the same weights."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 import checkpoints
 import dsjax
 import hf_reference as H
+from script_util import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(ROOT, "experiments", "generate.py")
@@ -67,19 +67,17 @@ def test_cli_chat_from_converted_checkpoint_on_a_mesh(hf_v32, tok_path, tmp_path
 
 
 def test_cli_argument_errors(hf_v32):
-    spec = importlib.util.spec_from_file_location("generate_cli", CLI)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    _, hf_dir = hf_v32
-    with pytest.raises(cli.app.UsageError, match="exactly one of"):
-        cli.load_model(hf_dir=hf_dir, config="tiny")
-    cfg, params = cli.load_model(hf_dir=hf_dir, dtype="float32")
-    assert cfg.dtype == "float32" and "moe" in params
-    with pytest.raises(cli.app.UsageError, match="not axis=size"):
-        cli.parse_mesh("expert2", cfg)
-    with pytest.raises(cli.app.UsageError, match="needs 3 devices"):
-        cli.parse_mesh("tensor=3", cfg)
-    with pytest.raises(cli.app.UsageError, match="need --tokenizer"):
-        cli.build_prompts(None, chats=["hi"])
-    with pytest.raises(cli.app.UsageError, match="give a prompt"):
-        cli.build_prompts(None)
+    with load_script(CLI, "generate_cli") as cli:
+        _, hf_dir = hf_v32
+        with pytest.raises(cli.app.UsageError, match="exactly one of"):
+            cli.load_model(hf_dir=hf_dir, config="tiny")
+        cfg, params = cli.load_model(hf_dir=hf_dir, dtype="float32")
+        assert cfg.dtype == "float32" and "moe" in params
+        with pytest.raises(cli.app.UsageError, match="not axis=size"):
+            cli.parse_mesh("expert2", cfg)
+        with pytest.raises(cli.app.UsageError, match="needs 3 devices"):
+            cli.parse_mesh("tensor=3", cfg)
+        with pytest.raises(cli.app.UsageError, match="need --tokenizer"):
+            cli.build_prompts(None, chats=["hi"])
+        with pytest.raises(cli.app.UsageError, match="give a prompt"):
+            cli.build_prompts(None)

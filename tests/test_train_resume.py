@@ -2,7 +2,6 @@
 `experiments/finetune.py` process), kill -9 during an async save leaves the previous checkpoint loadable,
 TensorBoard / PNG outputs, and clear errors from the script."""
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from script_util import load_script
 from train_util import make_tokenizer, write_text_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,10 +38,8 @@ def flags_for(files, workdir, steps, *extra):
 
 @pytest.fixture(scope="module")
 def finetune():
-    spec = importlib.util.spec_from_file_location("finetune_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    with load_script(SCRIPT, "finetune_script") as mod:
+        yield mod
 
 
 def run_in_process(finetune, argv):

@@ -1,0 +1,28 @@
+"""Import an absl script (experiments/*.py) into the test process without leaking its flags.
+
+absl flags live in one process-wide registry, so two scripts that both define e.g. `--config` cannot be
+imported by the same pytest run; `load_script` removes the flags a script defined when the block ends."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from types import ModuleType
+from typing import Iterator
+
+from absl import flags
+
+
+@contextlib.contextmanager
+def load_script(path: str, name: str) -> Iterator[ModuleType]:
+    """Execute the script at `path` as module `name`; its flags are undefined again on exit."""
+    before = set(flags.FLAGS)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        for flag in set(flags.FLAGS) - before:
+            if flag in flags.FLAGS:  # a flag's short name goes with its long one
+                delattr(flags.FLAGS, flag)
