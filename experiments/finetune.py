@@ -54,6 +54,8 @@ flags.DEFINE_float("b1", 0.9, "Adam beta1")
 flags.DEFINE_float("b2", 0.95, "Adam beta2")
 flags.DEFINE_float("clip_norm", 1.0, "global-norm gradient clipping (0 = off)")
 flags.DEFINE_integer("grad_accum", 1, "micro-batches per optimizer step")
+flags.DEFINE_integer("ce_chunk_mb", 1024, "f32 logits the loss holds at once per device, in MiB (the [B, L, vocab] "
+                     "logits are computed in chunks of positions; 0 = all at once)")
 flags.DEFINE_string("remat", "full", "rematerialisation policy of the layer scan: full, dots, dots_no_batch, "
                     "none (save everything), off (no jax.checkpoint)")
 # data
@@ -125,6 +127,7 @@ def build_run_config():
         stage=FLAGS.stage, grad_accum=FLAGS.grad_accum, remat=None if FLAGS.remat == "off" else FLAGS.remat,
         mtp_weight=FLAGS.mtp_weight, balance_alpha=FLAGS.balance_alpha, bias_update_rate=FLAGS.bias_update_rate,
         indexer_loss_weight=FLAGS.indexer_loss_weight, lora=lora_cfg,
+        ce_chunk_bytes=FLAGS.ce_chunk_mb << 20 if FLAGS.ce_chunk_mb > 0 else None,
         optim=schedule.OptimConfig(learning_rate=FLAGS.lr, warmup_steps=min(FLAGS.warmup_steps, total),
                                    total_steps=total, min_lr_ratio=FLAGS.min_lr_ratio,
                                    weight_decay=FLAGS.weight_decay, b1=FLAGS.b1, b2=FLAGS.b2,

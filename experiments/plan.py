@@ -11,7 +11,8 @@ jax is imported). The step is compiled by XLA:CPU's SPMD partitioner, and the pe
 shardings), outputs not aliased to donated inputs, and temporaries (activations and workspace).
 
 Modes:
-  train    cross-entropy on next tokens, gradients, AdamW update (fp32 moments, bf16 params), layer remat.
+  train    cross-entropy on next tokens (over position chunks, --ce_chunk_mb), gradients, AdamW update
+           (fp32 moments, bf16 params), layer remat.
   prefill  forward of `seq_len` prompt tokens writing a `seq_len`-slot KV cache; last-position logits.
   decode   one new token per sequence against a full `seq_len`-slot KV cache.
 
@@ -48,6 +49,8 @@ flags.DEFINE_enum("weights", "bf16", ["bf16", "fp8"], "Weight storage: bf16, or 
                   "(quantised matrices as e4m3 + 128x128 scales; serving modes only).")
 flags.DEFINE_string("remat", "full", "Layer rematerialisation policy for train (dsjax.model.remat_policy).")
 flags.DEFINE_integer("ep_buffer_mb", 512, "Bound on the expert all-to-all's worst-case receive buffer (MiB).")
+flags.DEFINE_integer("ce_chunk_mb", 1024, "Train: f32 logits the loss holds at once per device (MiB; 0 = all), "
+                     "as finetune.py's --ce_chunk_mb.")
 flags.DEFINE_bool("cpu_licm", False, "Keep XLA:CPU's while-loop-invariant code motion (see the module docstring).")
 
 GB = 1e9
@@ -102,7 +105,8 @@ def per_device_bytes(tree, shardings) -> int:
                for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
 
 
-def build(mode: str, config, mesh, batch: int, seq_len: int, weights: str, remat: str, ep_buffer: int):
+def build(mode: str, config, mesh, batch: int, seq_len: int, weights: str, remat: str, ep_buffer: int,
+          ce_chunk: int | None = None):
     """(step function, abstract args, in_shardings, out_shardings, donate, {category: args index})."""
     import jax
     import jax.numpy as jnp
@@ -110,6 +114,7 @@ def build(mode: str, config, mesh, batch: int, seq_len: int, weights: str, remat
 
     import sharding
     from dsjax import abstract_params, cache as cache_lib, model
+    from dsjax.train.losses import head_cross_entropy
 
     params = fp8_abstract_params(config) if weights == "fp8" else abstract_params(config)
     ps = sharding.param_shardings(config, mesh, like=params)
@@ -123,9 +128,13 @@ def build(mode: str, config, mesh, batch: int, seq_len: int, weights: str, remat
         ss = sharding.opt_state_shardings(state, config, mesh, params=params)
 
         def loss_fn(p, t):
-            logits, _ = sharding.forward_with_aux(p, t, config, mesh, remat=remat, ep_buffer_bytes=ep_buffer)
-            logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-            return -jnp.mean(jnp.take_along_axis(logp, t[:, 1:, None], axis=-1))
+            # the training objective's head: cross-entropy over position chunks (never all the logits)
+            _, aux = sharding.forward_with_aux(p, t, config, mesh, remat=remat, ep_buffer_bytes=ep_buffer)
+            targets = jnp.concatenate([t[:, 1:], t[:, :1]], axis=1)
+            weights = jnp.ones(t.shape, jnp.float32).at[:, -1].set(0.0)
+            nll, count = head_cross_entropy(aux.hidden, p["lm_head"], targets, weights,
+                                            chunk_bytes=ce_chunk and ce_chunk * mesh.size)
+            return nll / count
 
         def step(p, s, t):
             loss, grads = jax.value_and_grad(loss_fn)(p, t)
@@ -174,7 +183,8 @@ def main(argv):
     batch_shards = math.prod(mesh.shape[a] for a in sharding.RULES["act_batch"])
     batch = FLAGS.batch or batch_shards
     step, args, in_sh, out_sh, donate, cats = build(FLAGS.mode, cfg, mesh, batch, FLAGS.seq_len, FLAGS.weights,
-                                                    FLAGS.remat, FLAGS.ep_buffer_mb << 20)
+                                                    FLAGS.remat, FLAGS.ep_buffer_mb << 20,
+                                                    FLAGS.ce_chunk_mb << 20 if FLAGS.ce_chunk_mb > 0 else None)
     print(f"plan: {FLAGS.config} mode={FLAGS.mode} weights={FLAGS.weights} mesh={FLAGS.mesh} ({n_dev} devices) "
           f"batch={batch} seq_len={FLAGS.seq_len} params={dsjax.count_params(args[0]) / 1e9:.1f}B", flush=True)
     t0 = time.time()

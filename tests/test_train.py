@@ -113,6 +113,72 @@ def test_bf16_compute_with_fp32_master_weights_and_optimizer_state(params, overf
     assert {x.dtype for x in jax.tree.leaves((adam.mu, adam.nu))} == {jnp.dtype(jnp.float32)}
 
 
+def test_chunked_head_cross_entropy_equals_the_full_logits():
+    from dsjax.layers import dense_fp32
+
+    b, length, d, v = 2, 24, 16, 50
+    assert losses.ce_chunks(b, length, v, b * length * v * 4) == 1
+    assert losses.ce_chunks(b, length, v, b * 4 * v * 4) == 6  # 24 / 6 = 4 positions per chunk
+    assert losses.ce_chunks(b, length, v, b * 5 * v * 4) == 6  # 5 does not divide 24
+    assert losses.ce_chunks(b, length, v, 1) == length
+    rng = np.random.default_rng(1)
+    h = jnp.asarray(rng.normal(size=(b, length, d)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(d, v)) / 4, jnp.float32)
+    t = jnp.asarray(rng.integers(0, v, (b, length)))
+    w = jnp.asarray((rng.random((b, length)) > 0.2).astype(np.float32))
+
+    def full(h, head):
+        return losses.cross_entropy(dense_fp32(h, head), t, w)[0]
+
+    def chunked(h, head):
+        return losses.head_cross_entropy(h, head, t, w, chunk_bytes=b * 4 * v * 4)[0]
+
+    (f, gf), (c, gc) = [jax.value_and_grad(fn, argnums=(0, 1))(h, head) for fn in (full, chunked)]
+    np.testing.assert_allclose(float(c), float(f), rtol=1e-6)
+    for got, want in zip(gc, gf):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_cross_entropy_never_holds_all_logits():
+    """The compiled loss+gradient of a 4K-token row with a 32K vocabulary: chunked into 64 MiB pieces its
+    temporaries stay within a few chunks (logits and their cotangent), far under the 512 MiB of full logits
+    that the unchunked loss exceeds."""
+    b, length, d, v = 1, 4096, 64, 32768
+    full_logits = b * length * v * 4
+    args = (jax.ShapeDtypeStruct((b, length, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
+            jax.ShapeDtypeStruct((b, length), jnp.int32), jax.ShapeDtypeStruct((b, length), jnp.float32))
+
+    def temp(chunk_bytes):
+        fn = jax.grad(lambda h, head, t, w: losses.head_cross_entropy(h, head, t, w, chunk_bytes=chunk_bytes)[0],
+                      argnums=(0, 1))
+        return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp(None) >= full_logits
+    assert temp(64 << 20) < 3 * (64 << 20) < full_logits
+
+
+def test_chunked_loss_in_the_step_equals_unchunked(params):
+    """The whole objective (CE + MTP CE + balance) and its gradients do not depend on the chunking."""
+    batch = {k: jnp.asarray(x) for k, x in make_batch(3).items()}
+    variables = {"params": params}
+    out = []
+    for chunk in (None, 2 * 4 * CFG.vocab_size * 4):  # 4 positions of 2 rows per chunk: 8 chunks
+        tc = step_lib.TrainConfig(remat=None, ce_chunk_bytes=chunk)
+        train = step_lib.trainable(variables, tc)
+        denom = {"tokens": jnp.sum(batch["weights"]), "mtp_tokens": jnp.sum(batch["weights"])}
+        mb = {k: x[:2] for k, x in batch.items()}
+        loss_fn = lambda tr: step_lib._loss(tr, variables, mb, denom, CFG, tc)  # noqa: E731
+        (loss, (terms, _)), g = jax.value_and_grad(loss_fn, has_aux=True)(train)
+        out.append((loss, terms, g))
+    (l0, t0, g0), (l1, t1, g1) = out
+    assert set(t0) >= {"ce", "mtp", "balance"}
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    for k in t0:
+        np.testing.assert_allclose(float(t1[k]), float(t0[k]), rtol=1e-6)
+    for a, b_ in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-4, atol=1e-7)
+
+
 def test_losses_match_numpy():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 5, 7)).astype(np.float32)

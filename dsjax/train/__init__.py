@@ -2,7 +2,7 @@
 checkpoints, and the loop shared by experiments/finetune.py and experiments/quickstart.py.
 
     step.py           TrainConfig, init_state, train_step / compiled_step
-    losses.py         cross-entropy with masks, MTP targets, balance loss, router-bias update
+    losses.py         cross-entropy with masks (chunked over the head), MTP targets, balance loss, router-bias update
     schedule.py       AdamW + warm-up/cosine + clipping
     lora.py           LoraConfig, init / apply / merge
     data.py           DataConfig, grain pipeline (JSONL / text / ArrayRecord -> packed batches)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dsjax.layers import dense_fp32
+
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Weighted next-token cross-entropy.
@@ -21,6 +23,46 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> 
     picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     w = weights.astype(jnp.float32)
     return jnp.sum((lse - picked) * w), jnp.sum(w)
+
+
+def ce_chunks(batch: int, length: int, vocab: int, chunk_bytes: int) -> int:
+    """How many chunks `head_cross_entropy` splits the positions into: the fewest (a divisor of `length`)
+    whose f32 logits [batch, length / n, vocab] fit in `chunk_bytes`; 1 when the whole thing fits."""
+    for n in range(1, length + 1):
+        if length % n == 0 and batch * (length // n) * vocab * 4 <= chunk_bytes:
+            return n
+    return length
+
+
+def head_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array, *,
+                       chunk_bytes: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """`cross_entropy(hidden @ head, ...)` without ever holding all the logits.
+
+    hidden [B, L, D]; head [D, V] (the lm head); targets int [B, L]; weights f32 [B, L].
+    Returns (Σ weights·nll, Σ weights). With a 129K vocabulary the f32 logits of a 4K-token row are 2 GB,
+    and autodiff would keep them plus their softmax and cotangent. Here the positions are split into n
+    chunks (`ce_chunks`) that a rematerialised scan visits one at a time, so the forward and the backward
+    each hold one chunk's logits; the backward recomputes them (one extra head matmul).
+    Chunk k takes the strided positions k, k+n, k+2n, ...: reshaping L -> [L/n, n] keeps a sharding of
+    L (context parallelism) on the outer factor, so the scan walks an unsharded axis and needs no gather.
+    """
+    b, length, _ = hidden.shape
+    n = 1 if chunk_bytes is None else ce_chunks(b, length, head.shape[-1], chunk_bytes)
+    if n == 1:
+        return cross_entropy(dense_fp32(hidden, head), targets, weights)
+
+    def split(x):  # [B, L, ...] -> [n, B, L/n, ...]: chunk k holds positions k, k+n, ...
+        return jnp.moveaxis(x.reshape((b, length // n, n) + x.shape[2:]), 2, 0)
+
+    @jax.checkpoint
+    def chunk(carry, xs):
+        h, t, w = xs
+        nll, count = cross_entropy(dense_fp32(h, head), t, w)
+        return (carry[0] + nll, carry[1] + count), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (nll, count), _ = jax.lax.scan(chunk, (zero, zero), (split(hidden), split(targets), split(weights)))
+    return nll, count
 
 
 def mtp_targets(targets: jax.Array, weights: jax.Array,

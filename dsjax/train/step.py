@@ -28,7 +28,7 @@ import optax
 from dsjax import model, mtp as mtp_lib
 from dsjax.config import Config
 from dsjax.train import lora as lora_lib
-from dsjax.train.losses import balance_loss, bias_update, cross_entropy, load_imbalance, mtp_targets
+from dsjax.train.losses import balance_loss, bias_update, head_cross_entropy, load_imbalance, mtp_targets
 from dsjax.train.schedule import OptimConfig, lr_schedule, make_optimizer
 
 STAGES = ("sft", "indexer_warmup", "sparse")
@@ -48,12 +48,17 @@ class TrainConfig:
     bias_update_rate: float = 1e-3  # γ (0 = off)
     indexer_loss_weight: float = 1.0
     lora: lora_lib.LoraConfig | None = None
+    # f32 logits the loss holds at once per device ([B, L, vocab] is computed in chunks of positions of at
+    # most this size; losses.head_cross_entropy). None = all at once.
+    ce_chunk_bytes: int | None = 1 << 30
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage={self.stage!r} is unknown; use one of {STAGES}.")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum={self.grad_accum} must be >= 1.")
+        if self.ce_chunk_bytes is not None and self.ce_chunk_bytes <= 0:
+            raise ValueError(f"ce_chunk_bytes={self.ce_chunk_bytes} must be positive (or None: no chunking).")
         if self.remat is not None:
             model.remat_policy(self.remat)  # raises a clear error for unknown names
         if self.stage == "indexer_warmup" and self.lora is not None:
@@ -152,7 +157,7 @@ def _loss(train: Mapping[str, jax.Array], variables: Mapping[str, Any], mb: Mapp
           denom: Mapping[str, jax.Array], config: Config, tc: TrainConfig, mesh: Any = None):
     """Objective of one micro-batch, already divided by the global normalisers -> (loss, (terms, loads))."""
     with _parallel(mesh):
-        return _loss_body(train, variables, mb, denom, config, tc)
+        return _loss_body(train, variables, mb, denom, config, tc, 1 if mesh is None else mesh.size)
 
 
 def _parallel(mesh: Any):
@@ -164,13 +169,16 @@ def _parallel(mesh: Any):
     return sharding.parallel(mesh)
 
 
-def _loss_body(train, variables, mb, denom, config: Config, tc: TrainConfig):
+def _loss_body(train, variables, mb, denom, config: Config, tc: TrainConfig, devices: int = 1):
     v = combine(variables, train)
     params = v["params"] if tc.lora is None else lora_lib.apply(v["params"], v["lora"], config, tc.lora)
     tokens, seg, pos = mb["tokens"], mb["segment_ids"], mb["positions"]
     kw = {"indexer_loss": _INDEXER_LOSS[tc.stage]} if tc.stage != "sft" else {}
+    # the logits are split over every mesh axis (batch, sequence, vocab over tensor): bound the global chunk
+    chunk = None if tc.ce_chunk_bytes is None else tc.ce_chunk_bytes * devices
     aux = model.forward_hidden(params, tokens, config, positions=pos, segment_ids=seg, remat=tc.remat, **kw)
-    ce_sum, _ = cross_entropy(model.lm_head(params, aux.hidden), mb["targets"], mb["weights"])
+    ce_sum, _ = head_cross_entropy(aux.hidden, params["lm_head"], mb["targets"], mb["weights"],
+                                   chunk_bytes=chunk)
     terms = {"ce": ce_sum / denom["tokens"]}
     loads = {}
     if config.n_moe_layers:
@@ -181,7 +189,8 @@ def _loss_body(train, variables, mb, denom, config: Config, tc: TrainConfig):
         h, _, stats = mtp_lib.mtp_forward(params, aux.hidden, next_tokens, config, positions=pos, segment_ids=seg,
                                           return_stats=True)
         t2, w2 = mtp_targets(mb["targets"], mb["weights"], seg)
-        terms["mtp"] = cross_entropy(model.lm_head(params, h), t2, w2)[0] / denom["mtp_tokens"]
+        terms["mtp"] = head_cross_entropy(h, params["lm_head"], t2, w2, chunk_bytes=chunk)[0] \
+            / denom["mtp_tokens"]
         if stats is not None:
             terms["balance"] = terms.get("balance", 0.0) + balance_loss(stats.load[None], stats.mean_score[None]) \
                 / tc.grad_accum
