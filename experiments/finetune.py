@@ -85,20 +85,12 @@ class FlagError(ValueError):
 
 
 def parse_mesh(spec: str | None):
-    if not spec:
-        return None
-    sizes = {}
-    for part in spec.split(","):
-        name, _, val = part.partition("=")
-        if not val.strip().isdigit():
-            raise FlagError(f"--mesh={spec!r}: expected axis=size pairs such as data=2,fsdp=4.")
-        sizes[name.strip()] = int(val)
     import sharding
 
     try:
-        return sharding.make_mesh(**sizes)
-    except TypeError:
-        raise FlagError(f"--mesh={spec!r}: unknown axis; use data, fsdp, expert, tensor, sequence.") from None
+        return sharding.mesh_from_spec(spec)
+    except ValueError as e:
+        raise FlagError(f"--mesh: {e}") from None
 
 
 def build_run_config():

@@ -53,20 +53,12 @@ flags.DEFINE_bool("warmup", False, "Compile with an untimed 2-token run first, s
 
 def parse_mesh(text, config):
     """A `sharding.make_mesh` mesh from "axis=size,..." (None for no mesh)."""
-    if not text:
-        return None
     import sharding
 
-    sizes = {}
-    for part in filter(None, text.split(",")):
-        name, _, n = part.partition("=")
-        if not n.strip().isdigit():
-            raise app.UsageError(f"--mesh: {part!r} is not axis=size (e.g. expert=8,tensor=4).")
-        sizes[name.strip()] = int(n)
     try:
-        return sharding.make_mesh(**sizes, config=config)
-    except (TypeError, ValueError) as e:
-        raise app.UsageError(f"--mesh={text}: {e}") from None
+        return sharding.mesh_from_spec(text, config=config)
+    except ValueError as e:
+        raise app.UsageError(f"--mesh: {e}") from None
 
 
 def load_model(ckpt_dir=None, hf_dir=None, config=None, dtype=None, mesh=None):

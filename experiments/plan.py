@@ -56,16 +56,6 @@ flags.DEFINE_bool("cpu_licm", False, "Keep XLA:CPU's while-loop-invariant code m
 GB = 1e9
 
 
-def parse_mesh(text: str) -> dict[str, int]:
-    out = {}
-    for part in filter(None, text.split(",")):
-        name, _, n = part.partition("=")
-        if not n.isdigit():
-            raise app.UsageError(f"--mesh: {part!r} is not axis=size.")
-        out[name.strip()] = int(n)
-    return out
-
-
 def fp8_abstract_params(config):
     """Abstract params with the official checkpoint's FP8 storage for the matrices it quantises."""
     import jax
@@ -163,7 +153,12 @@ def build(mode: str, config, mesh, batch: int, seq_len: int, weights: str, remat
 
 def main(argv):
     del argv
-    sizes = parse_mesh(FLAGS.mesh)
+    from sharding.mesh import parse_mesh_sizes  # imports jax; its backend starts later, with the flags below
+
+    try:
+        sizes = parse_mesh_sizes(FLAGS.mesh)
+    except ValueError as e:
+        raise app.UsageError(f"--mesh: {e}") from None
     n_dev = math.prod(sizes.values())
     xla = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_dev}"
     if not FLAGS.cpu_licm:

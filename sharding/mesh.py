@@ -18,6 +18,36 @@ from dsjax.config import Config
 from sharding.rules import MESH_AXES
 
 
+def parse_mesh_sizes(text: str) -> dict[str, int]:
+    """Axis sizes from a command-line mesh spec such as "expert=8,tensor=2" (the scripts' --mesh flag).
+
+    Raises one ValueError naming the bad part and the valid axes."""
+    sizes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, n = part.partition("=")
+        name = name.strip()
+        if not n.strip().isdigit():
+            why = "is not axis=size"
+        elif name not in MESH_AXES:
+            why = "names an unknown axis"
+        elif name in sizes:
+            why = "is repeated"
+        else:
+            sizes[name] = int(n)
+            continue
+        raise ValueError(f"mesh spec {text!r}: {part!r} {why}; write axis=size pairs over the axes "
+                         f"{', '.join(MESH_AXES)}, e.g. expert=8,tensor=2.")
+    return sizes
+
+
+def mesh_from_spec(text: str | None, *, config: Config | None = None) -> Mesh | None:
+    """`make_mesh` from a mesh spec ("expert=8,tensor=2"); None for an empty spec. ValueError when the spec
+    is malformed, does not match the device count, or (with `config`) cannot split the model."""
+    if not text:
+        return None
+    return make_mesh(**parse_mesh_sizes(text), config=config)
+
+
 def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, sequence: int = 1,
               devices: Sequence[Any] | None = None, *, config: Config | None = None) -> Mesh:
     """A mesh with axes ("data", "fsdp", "sequence", "expert", "tensor") of the given sizes.

@@ -87,6 +87,21 @@ def test_make_mesh_has_all_axes():
     assert m.axis_names == sharding.MESH_AXES and m.size == len(jax.devices())
 
 
+def test_mesh_specs_from_the_command_line():
+    assert sharding.parse_mesh_sizes("expert=8, tensor=2") == {"expert": 8, "tensor": 2}
+    assert sharding.parse_mesh_sizes("") == {} and sharding.mesh_from_spec("") is None
+    for bad, why in [("expert8", "is not axis=size"), ("expert=x", "is not axis=size"),
+                     ("model=2", "names an unknown axis"), ("data=1,data=1", "is repeated")]:
+        with pytest.raises(ValueError, match=why) as e:
+            sharding.parse_mesh_sizes(bad)
+        assert "data, fsdp, sequence, expert, tensor" in str(e.value)
+    n = len(jax.devices())
+    m = sharding.mesh_from_spec(f"data={n}", config=TINY)
+    assert m.shape["data"] == n and m.axis_names == sharding.MESH_AXES
+    with pytest.raises(ValueError, match=rf"needs {3 * n} devices"):
+        sharding.mesh_from_spec(f"data={n},tensor=3", config=TINY)
+
+
 def test_zigzag_order_is_a_permutation_that_balances_causal_work():
     for t, sp in [(128, 4), (64, 2), (4096, 8)]:
         order = sharding.zigzag_order(t, sp)
