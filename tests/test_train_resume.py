@@ -99,6 +99,46 @@ def test_stop_and_resume_is_bit_identical(files, finetune, preempted):
     assert len(set(a.values())) == 6
 
 
+def _dir_bytes(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_lora_checkpoints_hold_only_adapters_and_resume_identically(files, finetune):
+    """A LoRA run's checkpoints skip the frozen base (reloaded from --init_ckpt), yet resuming is still
+    bit-identical and a later run started from them sees the merged model."""
+    import jax
+
+    from dsjax.train import checkpointing, lora, trainer
+
+    d = files["dir"]
+    base = run_in_process(finetune, flags_for(files, d / "lora_base", 2))
+    lora_flags = (f"--init_ckpt={d / 'lora_base' / 'checkpoints'}", "--lora_rank=4", "--lora_targets=attn,shared")
+    full = run_in_process(finetune, flags_for(files, d / "lora_full", 4, *lora_flags))
+    run_in_process(finetune, flags_for(files, d / "lora_split", 2, *lora_flags))
+    ck = checkpointing.TrainCheckpointer(str(d / "lora_split" / "checkpoints"))
+    saved = ck.read_state()
+    ck.close()
+    assert "params" not in saved and "params_trained" not in saved and "lora" in saved  # sft: no base leaf
+    step_bytes = _dir_bytes(d / "lora_split" / "checkpoints" / "2" / "state")
+    base_bytes = _dir_bytes(d / "lora_base" / "checkpoints" / "2" / "state")
+    assert step_bytes < 0.25 * base_bytes, (step_bytes, base_bytes)
+    resumed = run_in_process(finetune, flags_for(files, d / "lora_split", 4, *lora_flags, "--resume"))
+    assert losses(resumed.rows) == losses(full.rows)  # exact, steps 1-2 and 3-4
+    for a, b in zip(jax.tree.leaves(resumed.state["lora"]), jax.tree.leaves(full.state["lora"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Starting from the LoRA run's checkpoints: its base (from the run it started from) + merged adapters.
+    rc = trainer.RunConfig(train=None, data=None, tokenizer=None, steps=1, workdir="",
+                           init_ckpt=str(d / "lora_full" / "checkpoints"))
+    _, params = trainer.load_initial(rc)
+    want = lora.merge(base.state["params"], full.state["lora"], full.config, lora.LoraConfig(rank=4, targets=(
+        "attn", "shared")))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="different settings.*init_ckpt"):
+        other_base = "--init_ckpt=" + str(d / "lora_full" / "checkpoints")
+        run_in_process(finetune, flags_for(files, d / "lora_split", 6, other_base, *lora_flags[1:], "--resume"))
+
+
 def test_sigterm_saves_then_resume_continues_identically(files, finetune, preempted):
     workdir, out, err, rc = preempted()
     assert rc == 0, err[-3000:]

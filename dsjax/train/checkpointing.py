@@ -2,7 +2,9 @@
 SIGTERM handling.
 
 Each checkpoint step directory holds three items:
-    state  params (+ LoRA adapters), optimizer state, step, RNG          (Orbax StandardSave, OCDBT)
+    state  params, optimizer state, step, RNG                          (Orbax StandardSave, OCDBT)
+           (a LoRA run: its adapters and only the base leaves it changes; the frozen base is reloaded
+           from the run's --init_ckpt or seed, see trainer._to_save)
     data   the grain iterator state, one JSON file per process           (grain.checkpoint.CheckpointSave)
     meta   model config, stage and data settings                         (JSON)
 Everything that decides the next step is in there, so a resumed run continues bit-identically.

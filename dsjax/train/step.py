@@ -93,23 +93,41 @@ def _flat(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
     return [(_path_names(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def trainable(variables: Mapping[str, Any], tc: TrainConfig) -> dict[str, Any]:
-    """The trained leaves: a nested dict shaped like `variables` ({"params": ..., "lora": ...}) holding only
-    the leaves this stage trains (the optimizer's tree; its moments mirror the params' paths)."""
+def _subset(tree: Any, keep: Callable[[tuple[str, ...], Any], bool]) -> dict[str, Any]:
+    """A nested dict shaped like `tree` holding only the leaves for which keep(path names, leaf)."""
     out: dict[str, Any] = {}
-    for names, x in _flat(variables):
-        if is_trainable(names, tc):
-            if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype.itemsize < 2:
-                raise ValueError(f"{'.'.join(names)} is stored as {x.dtype} (FP8 checkpoint?) and cannot be trained "
-                                 "directly; load the checkpoint dequantised or train LoRA adapters (--lora_rank).")
+    for names, x in _flat(tree):
+        if keep(names, x):
             node = out
             for k in names[:-1]:
                 node = node.setdefault(k, {})
             node[names[-1]] = x
+    return out
+
+
+def _check_trainable_dtype(names: tuple[str, ...], x: Any) -> bool:
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype.itemsize < 2:
+        raise ValueError(f"{'.'.join(names)} is stored as {x.dtype} (FP8 checkpoint?) and cannot be trained "
+                         "directly; load the checkpoint dequantised or train LoRA adapters (--lora_rank).")
+    return True
+
+
+def trainable(variables: Mapping[str, Any], tc: TrainConfig) -> dict[str, Any]:
+    """The trained leaves: a nested dict shaped like `variables` ({"params": ..., "lora": ...}) holding only
+    the leaves this stage trains (the optimizer's tree; its moments mirror the params' paths)."""
+    out = _subset(variables, lambda names, x: is_trainable(names, tc) and _check_trainable_dtype(names, x))
     if not out:
         raise ValueError(f"stage={tc.stage} trains no parameter of this model (e.g. indexer_warmup on a model "
                          "without the lightning indexer).")
     return out
+
+
+def changed_params(params: Mapping[str, Any], tc: TrainConfig) -> dict[str, Any]:
+    """The base-param leaves a LoRA run changes (a nested dict; empty in sft, the indexers in the DSA stages).
+    A LoRA run's checkpoints hold only these and the adapters: the frozen rest is reloaded from its start."""
+    if tc.lora is None:
+        raise ValueError("changed_params is for LoRA runs (TrainConfig.lora); a full run changes every weight.")
+    return _subset({"params": params}, lambda names, _: is_trainable(names, tc)).get("params", {})
 
 
 def combine(variables: Mapping[str, Any], train: Mapping[str, Any]) -> Any:

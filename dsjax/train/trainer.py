@@ -98,7 +98,10 @@ def load_initial(rc: RunConfig) -> tuple[Config, Any]:
         config = ckpt_lib.config_from_dict(meta["config"]).replace(**opts)
         state = ck.read_state()
         ck.close()
-        params = state["params"]
+        params = state.get("params")
+        if params is None:  # a LoRA run's checkpoint: its frozen base comes from where that run started
+            params = _lora_base(meta, config, rc.mesh)
+            params = step_lib.combine({"params": params}, {"params": state.get("params_trained", {})})["params"]
         if meta.get("lora"):
             params = lora_lib.merge(params, state["lora"], config, lora_lib.LoraConfig(**meta["lora"]))
         params = jax.tree.map(jnp.asarray, params)
@@ -111,6 +114,41 @@ def load_initial(rc: RunConfig) -> tuple[Config, Any]:
     else:  # a converted (or checkpoints.save'd) dsjax checkpoint; CheckpointError says what is wrong otherwise
         config, params = checkpoints.load(path, mesh=rc.mesh, dtype=dtype)
     return config.replace(**opts), params
+
+
+def _lora_base(meta: Mapping[str, Any], config: Config, mesh: Any) -> Any:
+    """The base params a LoRA run started from (its checkpoints do not repeat them): its --init_ckpt, or
+    the random init of its config and seed."""
+    base = RunConfig(train=step_lib.TrainConfig(), data=None, tokenizer=None, steps=1, workdir="",
+                     model=config, model_options={"param_dtype": config.param_dtype},
+                     init_ckpt=meta.get("init_ckpt"), seed=meta.get("seed", 0), mesh=mesh)
+    if base.init_ckpt is not None and not os.path.exists(base.init_ckpt):
+        raise FileNotFoundError(f"this LoRA checkpoint holds only adapters; its base weights were read from "
+                                f"{base.init_ckpt!r}, which no longer exists. Restore that directory, or export the "
+                                "merged model from the run that wrote it (--export_hf).")
+    return load_initial(base)[1]
+
+
+def _to_save(state: Mapping[str, Any], tc: step_lib.TrainConfig) -> dict[str, Any]:
+    """What a checkpoint holds: the whole state, except that a LoRA run keeps, of the base params, only the
+    leaves it changes (`step.changed_params`; none in sft): a 671B base is not rewritten at every save."""
+    if tc.lora is None:
+        return dict(state)
+    out = {k: v for k, v in state.items() if k != "params"}
+    changed = step_lib.changed_params(state["params"], tc)
+    if changed:
+        out["params_trained"] = changed
+    return out
+
+
+def _from_saved(state: Mapping[str, Any], saved: Mapping[str, Any], tc: step_lib.TrainConfig) -> dict[str, Any]:
+    """Inverse of `_to_save`, given the run's fresh state (whose params hold the base)."""
+    if tc.lora is None:
+        return dict(saved)
+    out = dict(saved)
+    changed = out.pop("params_trained", {})
+    out["params"] = step_lib.combine({"params": state["params"]}, {"params": changed})["params"]
+    return out
 
 
 # --------------------------------------------------------------------------------------------- placement
@@ -161,13 +199,15 @@ def _meta(config: Config, rc: RunConfig) -> dict[str, Any]:
     return {"config": ckpt_lib.config_to_dict(config), "stage": tc.stage, "train": train,
             "lora": train["lora"], "seq_len": rc.data.seq_len, "batch_size": rc.data.batch_size,
             "data_seed": rc.data.seed, "packing": rc.data.packing,
-            "tokenizer": rc.tokenizer if isinstance(rc.tokenizer, str) else None}
+            "tokenizer": rc.tokenizer if isinstance(rc.tokenizer, str) else None,
+            # where the base params came from: a LoRA run's checkpoints reload them from here
+            "init_ckpt": None if rc.init_ckpt is None else os.path.abspath(rc.init_ckpt), "seed": rc.seed}
 
 
 def _check_resume(meta: Mapping[str, Any], now: Mapping[str, Any], directory: str) -> None:
     """A resumed run must use the settings that wrote the checkpoint (else it is not the same run)."""
-    diff = [f"{k}: {meta.get(k)!r} -> {now[k]!r}" for k in ("seq_len", "batch_size", "data_seed", "packing")
-            if meta.get(k) != now[k]]
+    keys = ("seq_len", "batch_size", "data_seed", "packing") + (("init_ckpt", "seed") if now["lora"] else ())
+    diff = [f"{k}: {meta.get(k)!r} -> {now[k]!r}" for k in keys if meta.get(k) != now[k]]
     for part in ("train", "config"):
         old, new = meta.get(part, {}), json.loads(json.dumps(now[part]))  # tuples -> lists, as stored
         diff += [f"{part}.{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
@@ -231,7 +271,8 @@ def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) ->
                          "continue that run, or choose a new --workdir.")
     if latest is not None:
         _check_resume(ck.read_meta(latest), meta, paths["checkpoints"])
-        state, _ = ck.restore(state, it, latest)
+        saved, _ = ck.restore(_to_save(state, tc), it, latest)
+        state = _from_saved(state, saved, tc)
     start = int(state["step"])
 
     step_fn = step_lib.compiled_step(config, tc, rc.mesh)
@@ -265,16 +306,16 @@ def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) ->
                     bar.update(1)
                 if on_step is not None:
                     on_step(step + 1, scalars)
-                ck.save(step + 1, state, it, meta)
+                ck.save(step + 1, _to_save(state, tc), it, meta)
                 if guard.requested:
                     preempted = True
-                    ck.save(step + 1, state, it, meta, force=True)
+                    ck.save(step + 1, _to_save(state, tc), it, meta, force=True)
                     break
                 if rc.time_limit_s is not None and now - t_start > rc.time_limit_s and step + 1 < rc.steps:
                     stopped = True
                     break
             final = int(state["step"])
-            ck.save(final, state, it, meta, force=True)
+            ck.save(final, _to_save(state, tc), it, meta, force=True)
             ck.wait()
     finally:
         if bar is not None:
