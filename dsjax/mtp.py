@@ -33,6 +33,21 @@ def mtp_forward(params: Mapping[str, Any], hidden: jax.Array, next_tokens: jax.A
     cache: optional MTP-layer latents (leaves [B, S_max, .], slot = position) for speculative drafting;
     the new rows are written at `positions` (< 0: dropped) and the block attends over the whole cache.
     """
+    out, cache, stats, _ = _mtp(params, hidden, next_tokens, config, positions, segment_ids, cache, None)
+    return (out, cache, stats) if return_stats else (out, cache)
+
+
+def mtp_train_forward(params: Mapping[str, Any], hidden: jax.Array, next_tokens: jax.Array, config: Config, *,
+                      positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                      indexer_loss: str | None = None) -> tuple[jax.Array, Any, jax.Array | None]:
+    """Training form of `mtp_forward` (no cache): (MTP hidden [B, L, D], MoEStats or None, the MTP block's
+    indexer KL loss or None). indexer_loss: None, "dense_warmup" or "sparse", as in `model.forward_hidden`:
+    the block's own lightning indexer learns from the KL to its attention in the DSA training stages."""
+    out, _, stats, iloss = _mtp(params, hidden, next_tokens, config, positions, segment_ids, None, indexer_loss)
+    return out, stats, iloss
+
+
+def _mtp(params, hidden, next_tokens, config: Config, positions, segment_ids, cache, indexer_loss):
     c = config
     if "mtp" not in params:
         raise ValueError("these params have no MTP module (num_nextn_predict_layers=0 or not loaded).")
@@ -42,10 +57,11 @@ def mtp_forward(params: Mapping[str, Any], hidden: jax.Array, next_tokens: jax.A
     e = rms_norm(embed(params, next_tokens, c), p["enorm"], c.rms_norm_eps)
     h = rms_norm(hidden.astype(c.compute_dtype), p["hnorm"], c.rms_norm_eps)
     z = dense(jnp.concatenate([e, h], axis=-1), p["eh_proj"])
-    (f, resid), stats, cache, _ = block(p["block"], (z, jnp.zeros_like(z)), cos, sin, c, positions=positions,
-                                        segment_ids=segment_ids, is_moe=c.mtp_is_moe, cache=cache)
+    (f, resid), stats, cache, iloss = block(p["block"], (z, jnp.zeros_like(z)), cos, sin, c, positions=positions,
+                                            segment_ids=segment_ids, is_moe=c.mtp_is_moe, cache=cache,
+                                            indexer_loss=indexer_loss)
     out, _ = add_rms_norm(f, resid, p["norm"], c.rms_norm_eps)
-    return (out, cache, stats) if return_stats else (out, cache)
+    return out, cache, stats, iloss
 
 
 def mtp_hidden(params: Mapping[str, Any], hidden: jax.Array, next_tokens: jax.Array, config: Config, *,

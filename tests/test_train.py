@@ -264,15 +264,20 @@ def test_indexer_warmup_lowers_kl_and_changes_only_the_indexer(params):
     state = step_lib.init_state(fresh(params), CFG, tc, jax.random.key(1))
     fn = step_lib.compiled_step(CFG, tc)
     batch = make_batch(seed=9)
-    state, kls = run_steps(fn, state, batch, 15, "indexer_kl")
+    kls, mtp_kls = [], []
+    for _ in range(15):
+        state, m = fn(state, batch)
+        kls.append(float(m["indexer_kl"]))
+        mtp_kls.append(float(m["mtp_indexer_kl"]))
     assert kls[-1] < 0.8 * kls[0], kls
-    changed = []
+    assert mtp_kls[-1] < 0.8 * mtp_kls[0], mtp_kls  # the MTP block's indexer learns from its own KL
+    changed = {"main": [], "mtp": []}
     for name, a, b in leaf_pairs(params, state["params"]):
         if "indexer" in name:
-            changed.append(not np.array_equal(a, b))
+            changed["mtp" if name.startswith("mtp") else "main"].append(not np.array_equal(a, b))
         else:
             assert np.array_equal(a, b), f"{name} changed in indexer_warmup"
-    assert any(changed)
+    assert any(changed["main"]) and changed["mtp"] and all(changed["mtp"])
 
 
 def test_sparse_stage_detaches_the_indexer(params):
@@ -284,6 +289,7 @@ def test_sparse_stage_detaches_the_indexer(params):
     state = step_lib.init_state(fresh(params), CFG, tc, jax.random.key(1))
     state, m = step_lib.compiled_step(CFG, tc)(state, make_batch(seed=4))
     assert np.isfinite(float(m["indexer_kl"])) and float(m["indexer_kl"]) > 0
+    assert np.isfinite(float(m["mtp_indexer_kl"])) and float(m["mtp_indexer_kl"]) > 0
     for name, a, b in leaf_pairs(params, state["params"]):
         if "indexer" in name:
             assert np.array_equal(a, b), f"the LM loss reached {name}"

@@ -90,7 +90,7 @@ def plot_loss_curve(rows: list[Mapping[str, float]], path: str, title: str = "ds
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     steps = [r["step"] for r in rows]
-    for key in ("loss", "ce", "mtp", "indexer_kl"):
+    for key in ("loss", "ce", "mtp", "indexer_kl", "mtp_indexer_kl"):
         ys = [r.get(key) for r in rows]
         if any(y is not None for y in ys):
             ax.plot(steps, [np.nan if y is None else y for y in ys], label=key, lw=1.2 if key == "loss" else 0.9)

@@ -82,8 +82,7 @@ def is_trainable(names: tuple[str, ...], tc: TrainConfig) -> bool:
     if _is_router_bias(names):
         return False  # moved by the bias update, never by the optimizer
     if "indexer" in names:  # the indexer learns only from its KL loss (spec §10): not in sft
-        # The MTP block's indexer gets no KL here (mtp_hidden does not compute one), so it stays frozen.
-        return tc.stage != "sft" and names[1] != "mtp"
+        return tc.stage != "sft"  # the main layers' and the MTP block's indexers alike
     if tc.stage == "indexer_warmup":
         return False
     return tc.lora is None  # LoRA: the base stays frozen
@@ -202,10 +201,15 @@ def _loss_body(train, variables, mb, denom, config: Config, tc: TrainConfig, dev
     if config.n_moe_layers:
         terms["balance"] = balance_loss(aux.moe_load, aux.moe_score) / tc.grad_accum
         loads["moe"] = jnp.mean(aux.moe_load, axis=1)  # [L_moe, E]
-    if tc.mtp_weight and "mtp" in params and tc.stage != "indexer_warmup":
+    mtp_ce = bool(tc.mtp_weight) and "mtp" in params and tc.stage != "indexer_warmup"
+    mtp_kl = "mtp" in params and tc.stage != "sft"  # the MTP block's own indexer trains in the DSA stages
+    if mtp_ce or mtp_kl:
         next_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-        h, _, stats = mtp_lib.mtp_forward(params, aux.hidden, next_tokens, config, positions=pos, segment_ids=seg,
-                                          return_stats=True)
+        h, stats, mtp_iloss = mtp_lib.mtp_train_forward(params, aux.hidden, next_tokens, config, positions=pos,
+                                                        segment_ids=seg, **kw)
+        if mtp_kl:
+            terms["mtp_indexer_kl"] = mtp_iloss / tc.grad_accum
+    if mtp_ce:
         t2, w2 = mtp_targets(mb["targets"], mb["weights"], seg)
         terms["mtp"] = head_cross_entropy(h, params["lm_head"], t2, w2, chunk_bytes=chunk)[0] \
             / denom["mtp_tokens"]
@@ -215,12 +219,12 @@ def _loss_body(train, variables, mb, denom, config: Config, tc: TrainConfig, dev
             loads["mtp"] = jnp.mean(stats.load, axis=0)  # [E]
     if tc.stage != "sft":
         terms["indexer_kl"] = aux.indexer_loss / tc.grad_accum
+    # Each indexer learns only from its KL (its inputs are detached): the weight sets the indexers' step size.
+    kl = tc.indexer_loss_weight * (terms.get("indexer_kl", 0.0) + terms.get("mtp_indexer_kl", 0.0))
     if tc.stage == "indexer_warmup":
-        total = tc.indexer_loss_weight * terms["indexer_kl"]
+        total = kl
     else:
-        total = terms["ce"] + tc.mtp_weight * terms.get("mtp", 0.0) + tc.balance_alpha * terms.get("balance", 0.0)
-        if "indexer_kl" in terms:
-            total = total + tc.indexer_loss_weight * terms["indexer_kl"]
+        total = terms["ce"] + tc.mtp_weight * terms.get("mtp", 0.0) + tc.balance_alpha * terms.get("balance", 0.0) + kl
     return total, (terms, loads)
 
 
