@@ -137,6 +137,12 @@ def test_lora_checkpoints_hold_only_adapters_and_resume_identically(files, finet
     with pytest.raises(ValueError, match="different settings.*init_ckpt"):
         other_base = "--init_ckpt=" + str(d / "lora_full" / "checkpoints")
         run_in_process(finetune, flags_for(files, d / "lora_split", 6, other_base, *lora_flags[1:], "--resume"))
+    # The base run continues: the adapters belong to its older step, which is no longer the latest.
+    run_in_process(finetune, flags_for(files, d / "lora_base", 4, "--resume"))
+    with pytest.raises(ValueError, match="different settings.*init_step: 2 -> 4"):
+        run_in_process(finetune, flags_for(files, d / "lora_split", 6, *lora_flags, "--resume"))
+    with pytest.raises(ValueError, match="has since moved to step 4"):
+        trainer.load_initial(rc)
 
 
 def test_sigterm_saves_then_resume_continues_identically(files, finetune, preempted):

@@ -108,11 +108,18 @@ class TrainCheckpointer:
         self.manager.close()
 
 
+def latest_train_step(path: str) -> int | None:
+    """The newest finished step of a TrainCheckpointer directory (None when it holds none), read from the
+    directory names alone: unfinished saves live under temporary names, and nothing is touched."""
+    if not os.path.isdir(path):
+        return None
+    steps = [int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n, "state"))]
+    return max(steps, default=None)
+
+
 def is_train_checkpoint(path: str) -> bool:
     """True when `path` is a TrainCheckpointer directory holding at least one finished step."""
-    if not os.path.isdir(path):
-        return False
-    return any(n.isdigit() and os.path.isdir(os.path.join(path, n, "state")) for n in os.listdir(path))
+    return latest_train_step(path) is not None
 
 
 class PreemptionGuard:

@@ -126,6 +126,12 @@ def _lora_base(meta: Mapping[str, Any], config: Config, mesh: Any) -> Any:
         raise FileNotFoundError(f"this LoRA checkpoint holds only adapters; its base weights were read from "
                                 f"{base.init_ckpt!r}, which no longer exists. Restore that directory, or export the "
                                 "merged model from the run that wrote it (--export_hf).")
+    step = None if base.init_ckpt is None else ckpt_lib.latest_train_step(base.init_ckpt)
+    if step != meta.get("init_step"):
+        raise ValueError(f"this LoRA checkpoint's base is step {meta.get('init_step')} of the training run "
+                         f"{base.init_ckpt!r}, which has since moved to step {step}; its adapters belong to the "
+                         "older base. Export the merged model from the LoRA run's own workdir before continuing "
+                         "the base run, or start a new LoRA run.")
     return load_initial(base)[1]
 
 
@@ -201,12 +207,14 @@ def _meta(config: Config, rc: RunConfig) -> dict[str, Any]:
             "data_seed": rc.data.seed, "packing": rc.data.packing,
             "tokenizer": rc.tokenizer if isinstance(rc.tokenizer, str) else None,
             # where the base params came from: a LoRA run's checkpoints reload them from here
-            "init_ckpt": None if rc.init_ckpt is None else os.path.abspath(rc.init_ckpt), "seed": rc.seed}
+            "init_ckpt": None if rc.init_ckpt is None else os.path.abspath(rc.init_ckpt), "seed": rc.seed,
+            "init_step": None if rc.init_ckpt is None else ckpt_lib.latest_train_step(rc.init_ckpt)}
 
 
 def _check_resume(meta: Mapping[str, Any], now: Mapping[str, Any], directory: str) -> None:
     """A resumed run must use the settings that wrote the checkpoint (else it is not the same run)."""
-    keys = ("seq_len", "batch_size", "data_seed", "packing") + (("init_ckpt", "seed") if now["lora"] else ())
+    keys = ("seq_len", "batch_size", "data_seed", "packing") + (("init_ckpt", "init_step", "seed") if now["lora"]
+                                                                 else ())
     diff = [f"{k}: {meta.get(k)!r} -> {now[k]!r}" for k in keys if meta.get(k) != now[k]]
     for part in ("train", "config"):
         old, new = meta.get(part, {}), json.loads(json.dumps(now[part]))  # tuples -> lists, as stored
