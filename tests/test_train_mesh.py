@@ -1,5 +1,14 @@
 """Training on a device mesh (8 simulated CPU devices, in a subprocess so the rest of the suite keeps one
-device): the sharded step gives the single-device update, and optimizer moments live where their params do."""
+device): the sharded step computes the single-device gradient and update, and optimizer moments live where
+their params do.
+
+Why the comparison is of gradients and not of raw parameters: a sharded step sums its partial products in
+another order, so its gradient differs from the single-device one by rounding noise. Adam divides each
+gradient by its own running RMS, which turns the noise on a parameter whose gradient is ~0 into an update
+of up to ±lr (observed: 2.5e-3 after two steps on some CPUs). So (1) the gradients (the first step's Adam
+first moment, 0.1·clipped g, since the warm-up lr of step 1 is 0) must agree to a tolerance relative to their
+scale; (2) after the second step, every parameter whose gradient is well above that noise must have moved
+exactly like the single-device one, and the rest by no more than one Adam step (lr)."""
 
 import os
 import subprocess
@@ -7,61 +16,88 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-WORKER = r'''
-import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-import sys
-sys.path.insert(0, "tests")
+# Shared by both processes: what is compared, so the reference and the mesh run cannot drift apart.
+COMMON = r'''
 import dataclasses
 import jax, jax.numpy as jnp, numpy as np
-import dsjax, sharding
-from dsjax.train import step as S, trainer
+from dsjax.train import step as S
 from test_train import CFG, TC, make_batch
+
+tc = dataclasses.replace(TC, grad_accum=1)
+
+
+def by_path(tree):
+    return {jax.tree_util.keystr(k): np.asarray(x) for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def two_steps(fn, st, batch):
+    """First moment after step 1 (lr = 0: params unchanged) and params after step 2, by leaf path."""
+    st, _ = fn(st, batch)
+    mu = by_path(st["opt_state"][1][0].mu["params"])  # trained leaves only (not the router biases)
+    st, m = fn(st, batch)
+    return st, mu, by_path(st["params"]), float(m["loss"])
+'''
+
+WORKER = COMMON + r'''
+import sys
+import dsjax, sharding
+from dsjax.train import trainer
 
 d = sys.argv[1]
 treedef = jax.tree.structure(dsjax.abstract_params(CFG))
-load = lambda name: jax.tree.unflatten(treedef, [jnp.asarray(x) for x in np.load(f"{d}/{name}.npz").values()])
-params, ref = load("params"), load("ref")
-tc = dataclasses.replace(TC, grad_accum=1)
+load = lambda name: dict(np.load(f"{d}/{name}.npz"))
+params = jax.tree.unflatten(treedef, [jnp.asarray(x) for x in np.load(f"{d}/params.npz").values()])
 mesh = sharding.make_mesh(fsdp=8, config=CFG)
 st = trainer.place_state(S.init_state(params, CFG, tc, jax.random.key(1)), CFG, mesh)
-fn = S.compiled_step(CFG, tc, mesh)
-batch = trainer.place_batch(make_batch(seed=3, b=8), mesh)
-for _ in range(2):  # the first step has lr = 0 (warm-up): the second one moves the params
-    st, m = fn(st, batch)
-err = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-          for a, b in zip(jax.tree.leaves(st["params"]), jax.tree.leaves(ref)))
-assert err < 1e-5, err
+st, mu, new, loss = two_steps(S.compiled_step(CFG, tc, mesh), st, trainer.place_batch(make_batch(seed=3, b=8), mesh))
+mu_ref, new_ref = load("mu"), load("new")
+assert sorted(mu) == sorted(mu_ref) and sorted(new) == sorted(new_ref)
+lr = float(S.lr_schedule(tc.optim)(1))
+scale = max(float(np.abs(m).max()) for m in mu_ref.values())
+for k, b in mu_ref.items():  # gradients: equal up to summation-order noise, relative to the gradient scale
+    leaf = max(float(np.abs(b).max()), 1e-3 * scale)
+    assert float(np.abs(mu[k] - b).max()) <= 1e-3 * leaf, (k, float(np.abs(mu[k] - b).max()), leaf)
+moved = 0
+for k, m in mu_ref.items():
+    a, b = new[k], new_ref[k]
+    # gradient far above the noise, and above Adam's eps (|g| = 10·|mu| >> 1e-8)
+    clear = np.abs(m) > max(1e-2 * float(np.abs(m).max()), 1e-6)
+    err = np.abs(a - b)
+    assert float(err[clear].max(initial=0.0)) <= 1e-3 * lr, (k, float(err[clear].max()))
+    assert float(err.max()) <= 2.0 * lr, (k, float(err.max()))  # the rest: at most one (sign-flipped) step
+    moved += int(clear.sum())
+total = sum(m.size for m in mu_ref.values())
+assert moved > 0.25 * total, (moved, total)
 w = st["params"]["moe"]["moe"]["experts"]["gate"]
-mu = st["opt_state"][1][0].mu["params"]["moe"]["moe"]["experts"]["gate"]
+mom = st["opt_state"][1][0].mu["params"]["moe"]["moe"]["experts"]["gate"]
 assert len(w.sharding.device_set) == 8 and w.sharding.shard_shape(w.shape) != w.shape, w.sharding
-assert mu.sharding == w.sharding, (mu.sharding, w.sharding)  # Adam moments sharded like their param
-print("MESH_OK", err, float(m["loss"]))
+assert mom.sharding == w.sharding, (mom.sharding, w.sharding)  # Adam moments sharded like their param
+print("moved", moved, "of", total)
+print("MESH_OK", loss)
 '''
 
 
 def test_fsdp_mesh_step_matches_single_device(tmp_path):
-    """Two steps on an 8-device fsdp mesh (subprocess) equal two single-device steps (this process: the
+    """Two steps on an 8-device fsdp mesh (subprocess) against two single-device steps (this process: the
     step with grad_accum=1 is the one test_train compiles too)."""
-    import dataclasses
-
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     import dsjax
-    from dsjax.train import step as step_lib
-    from test_train import CFG, TC, make_batch
 
-    params = dsjax.init_params(CFG, jax.random.key(0))
+    ns: dict = {}
+    exec(COMMON, ns)
+    cfg, tc, step_lib = ns["CFG"], ns["tc"], ns["S"]
+    params = dsjax.init_params(cfg, jax.random.key(0))
     np.savez(tmp_path / "params.npz", *[np.asarray(x) for x in jax.tree.leaves(params)])
-    tc = dataclasses.replace(TC, grad_accum=1)
-    st = step_lib.init_state(jax.tree.map(jnp.copy, params), CFG, tc, jax.random.key(1))
-    for _ in range(2):
-        st, m = step_lib.compiled_step(CFG, tc)(st, make_batch(seed=3, b=8))
-    np.savez(tmp_path / "ref.npz", *[np.asarray(x) for x in jax.tree.leaves(st["params"])])
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    st = step_lib.init_state(jax.tree.map(jnp.copy, params), cfg, tc, jax.random.key(1))
+    _, mu, new, loss = ns["two_steps"](step_lib.compiled_step(cfg, tc), st, ns["make_batch"](seed=3, b=8))
+    np.savez(tmp_path / "mu.npz", **mu)
+    np.savez(tmp_path / "new.npz", **new)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+           "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     proc = subprocess.run([sys.executable, "-c", WORKER, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0 and "MESH_OK" in proc.stdout, proc.stderr[-4000:]
-    assert abs(float(proc.stdout.split()[-1]) - float(m["loss"])) <= 1e-5 * float(m["loss"])
+    assert abs(float(proc.stdout.split()[-1]) - loss) <= 1e-5 * loss
