@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from checkpoints import orbax_io
+from checkpoints import cli, orbax_io
 from checkpoints.hf_load import check_checkpoint, read_config, read_matrix, read_scale
 from checkpoints.hf_names import (Target, block_shape, get_spec, hf_shape, leaf_paths, matrix_shape,
                                   row_block_slices, row_blocks, transpose)
@@ -236,8 +236,6 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: Any
 
 def main(argv: list[str]) -> None:
     from absl import flags
-
-    from checkpoints import cli
 
     del argv
     f = flags.FLAGS

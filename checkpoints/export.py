@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from checkpoints import orbax_io
+from checkpoints import cli, orbax_io
 from checkpoints.hf_names import (SCALE_SUFFIX, fp8_quantization_config, get_spec, hf_shape, hf_table,
                                   row_block_slices, row_blocks, to_hf, transpose)
 from checkpoints.restore import config_from_marker
@@ -238,8 +238,6 @@ def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: st
 
 def main(argv: list[str]) -> None:
     from absl import flags
-
-    from checkpoints import cli
 
     del argv
     f = flags.FLAGS

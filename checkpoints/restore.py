@@ -1,12 +1,12 @@
 """Restore a dsjax Orbax checkpoint straight into its target sharding, and save params as one.
 
-    config, params = checkpoints.load(ckpt_dir, mesh=None, dtype=None)
+    config, params = checkpoints.load(ckpt_dir, parallel=None, dtype=None)
     checkpoints.save(ckpt_dir, params, config)
 
-With a mesh, each array is restored directly into its NamedSharding: Orbax reads, on every host, only
-the chunks of that host's shards. Shardings come from `sharding.param_shardings(config, mesh)` when the
-sharding package provides it, else every array is replicated over the mesh; an explicit `shardings`
-tree (same structure as the params) overrides both.
+With a layout (`parallel=sharding.MeshParallelism(mesh)`), each array is restored directly into its
+NamedSharding: Orbax reads, on every host, only the chunks of that host's shards. Shardings come from the
+layout's rules (`parallel.param_shardings(config)`); an explicit `shardings` tree (same structure as the
+params) overrides them.
 
 FP8 leaves ({"qweight" [..., in, out], "scale" [..., in/128, out/128]}, see `layers.weight`) get their
 shardings from the leaf's: stacked axes as given, the 2-D matrix axes from the logical in / out axes
@@ -26,8 +26,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from checkpoints import orbax_io
 from checkpoints.hf_names import hf_table
 from checkpoints.safetensors_io import CheckpointError
-from dsjax import fp8
+from dsjax import fp8, parallel as parallel_lib
 from dsjax.config import Config
+from dsjax.parallel import Parallelism
 from dsjax.params import ParamSpec, param_dtype, param_specs
 
 
@@ -80,16 +81,12 @@ def _fp8_shardings(sh: Any, s: ParamSpec, k: int, n_in: int) -> dict[str, Any]:
             "scale": NamedSharding(sh.mesh, PartitionSpec(*spec[:k], None, None))}
 
 
-def _default_shardings(config: Config, mesh: Any) -> Any:
-    if mesh is None:
+def _default_shardings(config: Config, parallel: Parallelism | None) -> Any:
+    if parallel is None:
         dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         return jax.tree.map(lambda _: dev, param_specs(config), is_leaf=_is_spec)
-    import sharding  # local import: the sharding package builds on the model
-
-    if hasattr(sharding, "param_shardings"):
-        return sharding.param_shardings(config, mesh)
-    rep = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(lambda _: rep, param_specs(config), is_leaf=_is_spec)
+    parallel_lib.check(parallel, config)
+    return parallel.param_shardings(config)
 
 
 def abstract_checkpoint(config: Config, fp8_leaves: list[str], shardings: Any = None) -> Any:
@@ -127,14 +124,15 @@ def _check_stored(ckpt_dir: str, abstract: Any) -> None:
                               + "\n  ".join(problems))
 
 
-def load(ckpt_dir: str | os.PathLike, mesh: Any = None, dtype: Any = None, *, shardings: Any = None
-         ) -> tuple[Config, Any]:
+def load(ckpt_dir: str | os.PathLike, parallel: Parallelism | None = None, dtype: Any = None, *,
+         shardings: Any = None) -> tuple[Config, Any]:
     """Restore a dsjax checkpoint (from `python -m checkpoints.convert` or `save`) -> (config, params).
 
-    mesh: a jax.sharding.Mesh; arrays are restored directly into their shardings on it (see module doc).
+    parallel: a layout (`sharding.MeshParallelism(mesh)`); arrays are restored directly into their shardings
+      on it (see module doc).
     dtype: cast the large matrices to this dtype while restoring (default: as stored). Norms, router,
       bias and indexer weights stay fp32; FP8 leaves stay FP8.
-    shardings: explicit params-shaped tree of shardings (overrides `mesh`); an FP8 leaf's entry may be
+    shardings: explicit params-shaped tree of shardings (overrides `parallel`); an FP8 leaf's entry may be
       one sharding (derived for qweight / scale) or a {"qweight", "scale"} pair.
     Raises CheckpointError for an incomplete, foreign or mismatching directory.
     """
@@ -142,7 +140,7 @@ def load(ckpt_dir: str | os.PathLike, mesh: Any = None, dtype: Any = None, *, sh
     marker = orbax_io.read_marker(ckpt_dir)
     config = config_from_marker(marker, dtype)
     if shardings is None:
-        shardings = _default_shardings(config, mesh)
+        shardings = _default_shardings(config, parallel)
     abstract = abstract_checkpoint(config, marker.get("fp8_leaves", []), shardings)
     _check_stored(ckpt_dir, abstract)
     return config, orbax_io.restore(ckpt_dir, abstract)

@@ -13,46 +13,46 @@ Which keys a query sees:
 
 from __future__ import annotations
 
-import contextvars
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
 import pallas_kernels
-from dsjax import indexer, indexer_loss as indexer_loss_lib
+from dsjax import cache as cache_lib, indexer, indexer_loss as indexer_loss_lib
 from dsjax.config import Config
+from dsjax.latents import Latents, Queries
 from dsjax.layers import dense, rms_norm, weight
+from dsjax.parallel import HEADS, LATENT, Parallelism, constrain
 from dsjax.rope import rope_halfsplit, rope_interleaved
-
-
-class Latents(NamedTuple):
-    """What one layer caches per token: the MLA latent, its rotary key, and the indexer key."""
-
-    kv: jax.Array  # [B, S, kv_lora_rank]
-    k_pe: jax.Array  # [B, S, qk_rope_head_dim]
-    index_k: jax.Array | None  # [B, S, index_head_dim] (V3.2 only)
-
-
-class Queries(NamedTuple):
-    """Per-token query-side tensors of one layer."""
-
-    q_abs: jax.Array  # [B, T, H, kv_lora_rank]  (q_nope · W_UK)
-    q_pe: jax.Array  # [B, T, H, qk_rope_head_dim]
-    index_q: jax.Array | None  # [B, T, Hi, Di]
-    index_w: jax.Array | None  # [B, T, Hi] f32
 
 
 def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array, config: Config) -> jax.Array:
     return (rope_interleaved if config.rope_interleave else rope_halfsplit)(x, cos, sin)
 
 
-def project(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array,
-            config: Config) -> tuple[Queries, Latents]:
+def project(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array, config: Config,
+            parallel: Parallelism | None = None) -> tuple[Queries, Latents]:
     """Query and latent projections of MLA (and of the indexer, for V3.2).
 
     x: [B, T, D] attn-normed hidden; cos/sin: [B, T, dr/2] for the tokens' positions.
     """
+    with jax.named_scope("attn_proj"):
+        q, kv, cq = _project(p, x, cos, sin, config)
+    # heads over `tensor`, tokens like the residual stream: the partitioner would otherwise guess
+    q = q._replace(q_abs=constrain(q.q_abs, HEADS, parallel), q_pe=constrain(q.q_pe, HEADS, parallel))
+    kv = kv._replace(kv=constrain(kv.kv, LATENT, parallel), k_pe=constrain(kv.k_pe, LATENT, parallel))
+    if config.has_indexer:  # detached (spec §10.2): the indexer is trained only by its own KL loss
+        sg = jax.lax.stop_gradient
+        with jax.named_scope("indexer_proj"):
+            iq, iw, ik = indexer.project(p["indexer"], sg(x), sg(cq), cos, sin, config)
+        q, kv = q._replace(index_q=iq, index_w=iw), kv._replace(index_k=ik)
+    return q, kv
+
+
+def _project(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array,
+             config: Config) -> tuple[Queries, Latents, jax.Array | None]:
+    """MLA's own projections -> (queries, latents, the normed query latent cq or None without q_lora)."""
     c = config
     h, dn, dr, r = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank
     if c.q_lora_rank is None:
@@ -67,32 +67,22 @@ def project(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array,
     k_pe = _rope(kv[..., r:], cos, sin, c)
     w_uk = weight(p["wkv_b"], (r, h, dn + c.v_head_dim), x.dtype)[..., :dn]
     q_abs = jnp.einsum("bthd,rhd->bthr", q_nope, w_uk, preferred_element_type=jnp.float32).astype(x.dtype)
-    iq = iw = ik = None
-    if c.has_indexer:  # detached (spec §10.2): the indexer is trained only by its own KL loss
-        sg = jax.lax.stop_gradient
-        iq, iw, ik = indexer.project(p["indexer"], sg(x), sg(cq), cos, sin, c)
-    return Queries(q_abs, q_pe, iq, iw), Latents(latent, k_pe, ik)
-
-
-# Set by `sharding` while it traces a forward pass on a mesh: called as
-# hook(attend_local, q, kv, config, **kw); it runs `attend_local` per shard (context parallelism).
-ATTEND_HOOK: contextvars.ContextVar[Callable[..., jax.Array] | None] = contextvars.ContextVar(
-    "dsjax_attend_hook", default=None)
+    return Queries(q_abs, q_pe, None, None), Latents(latent, k_pe, None), cq
 
 
 def attend(q: Queries, kv: Latents, config: Config, *, q_positions: jax.Array, k_positions: jax.Array,
-           q_segment_ids: jax.Array | None = None, k_segment_ids: jax.Array | None = None) -> jax.Array:
+           q_segment_ids: jax.Array | None = None, k_segment_ids: jax.Array | None = None,
+           parallel: Parallelism | None = None) -> jax.Array:
     """Latent attention output o_lat [B, T, H, kv_lora_rank] of queries over cached latents.
 
     Positions decide causality (k_pos <= q_pos; padding keys have k_pos = -1); segment ids keep packed
     documents apart. The indexer runs only when it can prune: more keys than `index_topk`.
-    Under `sharding` on a mesh, the hook runs `attend_local` per device (sequence-parallel DSA).
+    With `parallel`, its `attend` runs `attend_local` per device (e.g. sequence-parallel DSA).
     """
     kw = dict(q_positions=q_positions, k_positions=k_positions, q_segment_ids=q_segment_ids,
               k_segment_ids=k_segment_ids)
-    hook = ATTEND_HOOK.get()
-    if hook is not None:
-        return hook(attend_local, q, kv, config, **kw)
+    if parallel is not None:
+        return parallel.attend(attend_local, q, kv, config, **kw)
     return attend_local(q, kv, config, **kw)
 
 
@@ -102,16 +92,21 @@ def attend_local(q: Queries, kv: Latents, config: Config, *, q_positions: jax.Ar
     c = config
     n_keys = kv.kv.shape[1]
     if c.has_indexer and n_keys > c.index_topk:
-        idx = indexer.select(q.index_q, q.index_w, kv.index_k, config=c, q_positions=q_positions,
-                             k_positions=k_positions, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids)
-        return pallas_kernels.sparse_mla(q.q_abs, q.q_pe, kv.kv, kv.k_pe, idx, scale=c.softmax_scale,
-                                         backend=c.attention_backend, interpret=c.kernel_interpret)
-    return pallas_kernels.dense_mla(q.q_abs, q.q_pe, kv.kv, kv.k_pe, scale=c.softmax_scale,
-                                    q_positions=q_positions, k_positions=k_positions,
-                                    q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
-                                    backend=c.attention_backend, interpret=c.kernel_interpret)
+        with jax.named_scope("indexer_topk"):
+            idx = indexer.select(q.index_q, q.index_w, kv.index_k, config=c, q_positions=q_positions,
+                                 k_positions=k_positions, q_segment_ids=q_segment_ids,
+                                 k_segment_ids=k_segment_ids)
+        with jax.named_scope("sparse_mla"):
+            return pallas_kernels.sparse_mla(q.q_abs, q.q_pe, kv.kv, kv.k_pe, idx, scale=c.softmax_scale,
+                                             backend=c.attention_backend, interpret=c.kernel_interpret)
+    with jax.named_scope("dense_mla"):
+        return pallas_kernels.dense_mla(q.q_abs, q.q_pe, kv.kv, kv.k_pe, scale=c.softmax_scale,
+                                        q_positions=q_positions, k_positions=k_positions,
+                                        q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
+                                        backend=c.attention_backend, interpret=c.kernel_interpret)
 
 
+@jax.named_scope("attn_out")
 def output(p: Mapping[str, Any], o_lat: jax.Array, config: Config) -> jax.Array:
     """Un-absorb and project: o = o_lat · W_UV per head, then wo. o_lat [B, T, H, C] -> [B, T, D]."""
     c = config
@@ -135,19 +130,25 @@ def _attend_with_indexer_loss(q: Queries, kv: Latents, config: Config, mode: str
     ind = (q.index_q, q.index_w, kv.index_k)
     tgt = (q.q_abs, q.q_pe, kv.kv, kv.k_pe)
     if mode == "sparse" and kv.kv.shape[1] > c.index_topk:
-        idx = indexer.select(*ind, config=c, **vis)
-        o_lat, lse = pallas_kernels.sparse_mla_with_lse(*tgt, idx, scale=c.softmax_scale,
-                                                        backend=c.attention_backend, interpret=c.kernel_interpret)
-        return o_lat, indexer_loss_lib.sparse_kl(*ind, *tgt, idx, lse=lse, scale=c.softmax_scale)
-    o_lat = pallas_kernels.dense_mla(*tgt, scale=c.softmax_scale, backend=c.attention_backend,
-                                     interpret=c.kernel_interpret, **vis)
-    return o_lat, indexer_loss_lib.dense_kl(*ind, *tgt, scale=c.softmax_scale, **vis)
+        with jax.named_scope("indexer_topk"):
+            idx = indexer.select(*ind, config=c, **vis)
+        with jax.named_scope("sparse_mla"):
+            o_lat, lse = pallas_kernels.sparse_mla_with_lse(*tgt, idx, scale=c.softmax_scale,
+                                                            backend=c.attention_backend,
+                                                            interpret=c.kernel_interpret)
+        with jax.named_scope("indexer_kl"):
+            return o_lat, indexer_loss_lib.sparse_kl(*ind, *tgt, idx, lse=lse, scale=c.softmax_scale)
+    with jax.named_scope("dense_mla"):
+        o_lat = pallas_kernels.dense_mla(*tgt, scale=c.softmax_scale, backend=c.attention_backend,
+                                         interpret=c.kernel_interpret, **vis)
+    with jax.named_scope("indexer_kl"):
+        return o_lat, indexer_loss_lib.dense_kl(*ind, *tgt, scale=c.softmax_scale, **vis)
 
 
 def mla(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array, config: Config, *,
         positions: jax.Array, segment_ids: jax.Array | None = None, cache: Latents | None = None,
-        layer: jax.Array | None = None,
-        indexer_loss: str | None = None) -> tuple[jax.Array, Latents | None, jax.Array | None]:
+        layer: jax.Array | None = None, indexer_loss: str | None = None,
+        parallel: Parallelism | None = None) -> tuple[jax.Array, Latents | None, jax.Array | None]:
     """MLA (+ DSA) self-attention of new tokens x [B, T, D] -> ([B, T, D], updated cache, indexer loss).
 
     Without a cache the tokens attend to each other (training, one-shot prefill). With a cache (leaves
@@ -156,8 +157,9 @@ def mla(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array, conf
     past a query's position are invisible by causality.
     indexer_loss (static, training without a cache): None, "dense_warmup" or "sparse" adds the indexer's
     KL loss (f32 scalar; else None), see `_attend_with_indexer_loss`.
+    parallel: the run's layout (`dsjax.parallel`); None = one device.
     """
-    q, kv = project(p, x, cos, sin, config)
+    q, kv = project(p, x, cos, sin, config, parallel)
     if indexer_loss is not None:
         indexer_loss_lib.check_mode(indexer_loss, config, has_cache=cache is not None)
         o_lat, loss = _attend_with_indexer_loss(q, kv, config, indexer_loss, positions=positions,
@@ -165,15 +167,13 @@ def mla(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array, conf
         return output(p, o_lat, config), None, loss
     if cache is None:
         o_lat = attend(q, kv, config, q_positions=positions, k_positions=positions,
-                       q_segment_ids=segment_ids, k_segment_ids=segment_ids)
+                       q_segment_ids=segment_ids, k_segment_ids=segment_ids, parallel=parallel)
         return output(p, o_lat, config), None, None
     if segment_ids is not None:
         raise ValueError("segment_ids (packed rows) are not supported together with a KV cache.")
-    from dsjax import cache as cache_lib  # cache.py builds on this module's Latents
-
     cache = cache_lib.write(cache, kv, positions, layer)
     keys = cache_lib.read(cache, layer)
     b, s = keys.kv.shape[:2]
     k_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    o_lat = attend(q, keys, config, q_positions=positions, k_positions=k_positions)
+    o_lat = attend(q, keys, config, q_positions=positions, k_positions=k_positions, parallel=parallel)
     return output(p, o_lat, config), cache, None

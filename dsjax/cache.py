@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax import fp8
-from dsjax.attention import Latents
+from dsjax.latents import Latents
 from dsjax.config import Config
 from dsjax.indexer import dequantize_index_key, quantize_index_key
 

@@ -19,7 +19,6 @@ drawn from exactly the distribution plain decoding draws it from, with the same 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import numbers
 import time
@@ -30,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax import cache as cache_lib
-from dsjax import model, sampling
+from dsjax import model, parallel as parallel_lib, sampling
 from dsjax.config import Config
 from dsjax.mtp import mtp_forward
+from dsjax.parallel import Parallelism
 
 Params = Any
 Callback = Callable[[list[list[int]]], None]
@@ -83,112 +83,103 @@ def _sample(logits, consts: _Consts, count, greedy: bool):
                            top_k=consts.top_k)
 
 
-def _parallel(mesh: Any):
-    """Inside a traced step on a mesh: expert-parallel MoE and context-parallel attention (`sharding`)."""
-    if mesh is None:
-        return contextlib.nullcontext()
-    import sharding  # sharding builds on dsjax
-
-    return sharding.parallel(mesh)
-
-
 def _is_stop(tok, stop):
     return jnp.any(tok[:, None] == stop, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "use_mtp", "mesh"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "use_mtp", "parallel"), donate_argnames=("cache",))
 def _prefill_chunk(params, cache, tokens, positions, next_tokens, mtp_positions, last_rel, last_hidden, *,
-                   config: Config, use_mtp: bool, mesh: Any = None):
+                   config: Config, use_mtp: bool, parallel: Parallelism | None = None):
     """One prefill chunk: tokens/positions [B, C] (position -1 = padding). Writes the chunk's latents and
     keeps the hidden state of each sequence's last prompt token (`last_rel` = its index in this chunk)."""
-    with _parallel(mesh):
-        aux = model.forward_hidden(params, tokens, config, positions=positions, cache=cache_lib.layer_caches(cache))
-        new = {**cache, **aux.cache}
-        if use_mtp:
-            # Position i of the MTP block reads t_{i+1}; for the last prompt token that is the first new token,
-            # unknown yet, so `mtp_positions` drops it here and `_start` writes it.
-            _, new["mtp"] = mtp_forward(params, aux.hidden, next_tokens, config, positions=mtp_positions,
-                                        cache=cache["mtp"])
-        c = tokens.shape[1]
-        inside = (last_rel >= 0) & (last_rel < c)
-        h = jnp.take_along_axis(aux.hidden, jnp.clip(last_rel, 0, c - 1)[:, None, None], axis=1)[:, 0]
-        new["lengths"] = jnp.maximum(cache["lengths"], jnp.max(positions, axis=1) + 1)
-        return new, jnp.where(inside[:, None], h, last_hidden)
+    aux = model.forward_hidden(params, tokens, config, positions=positions, cache=cache_lib.layer_caches(cache),
+                               parallel=parallel)
+    new = {**cache, **aux.cache}
+    if use_mtp:
+        # Position i of the MTP block reads t_{i+1}; for the last prompt token that is the first new token,
+        # unknown yet, so `mtp_positions` drops it here and `_start` writes it.
+        _, new["mtp"] = mtp_forward(params, aux.hidden, next_tokens, config, positions=mtp_positions,
+                                    cache=cache["mtp"], parallel=parallel)
+    c = tokens.shape[1]
+    inside = (last_rel >= 0) & (last_rel < c)
+    h = jnp.take_along_axis(aux.hidden, jnp.clip(last_rel, 0, c - 1)[:, None, None], axis=1)[:, 0]
+    new["lengths"] = jnp.maximum(cache["lengths"], jnp.max(positions, axis=1) + 1)
+    return new, jnp.where(inside[:, None], h, last_hidden)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "greedy", "use_mtp", "with_logits", "mesh"),
+@functools.partial(jax.jit, static_argnames=("config", "greedy", "use_mtp", "with_logits", "parallel"),
                    donate_argnames=("cache",))
 def _start(params, cache, last_hidden, consts: _Consts, *, config: Config, greedy: bool, use_mtp: bool,
-           with_logits: bool, mesh: Any = None):
+           with_logits: bool, parallel: Parallelism | None = None):
     """First new token from the last prompt position (and the first MTP draft)."""
-    with _parallel(mesh):
-        lengths = cache["lengths"]  # prompt lengths
-        logits = model.lm_head(params, last_hidden)
-        y = _sample(logits, consts, jnp.zeros_like(lengths), greedy)
-        count = jnp.ones_like(lengths)
-        done = _is_stop(y, consts.stop) | (count >= consts.max_new)
-        draft = jnp.zeros_like(y)
-        if use_mtp:
-            out, mc = mtp_forward(params, last_hidden[:, None], y[:, None], config, positions=(lengths - 1)[:, None],
-                                  cache=cache["mtp"])
-            cache = {**cache, "mtp": mc}
-            draft = jnp.argmax(model.lm_head(params, out[:, 0]), axis=-1).astype(jnp.int32)
-        state = _State(cache, y, draft, count, done)
-        no = jnp.zeros_like(done)
-        return state, _Out(jnp.stack([y, y], 1), count, no, no, done, logits[:, None] if with_logits else None)
+    lengths = cache["lengths"]  # prompt lengths
+    logits = model.lm_head(params, last_hidden)
+    y = _sample(logits, consts, jnp.zeros_like(lengths), greedy)
+    count = jnp.ones_like(lengths)
+    done = _is_stop(y, consts.stop) | (count >= consts.max_new)
+    draft = jnp.zeros_like(y)
+    if use_mtp:
+        out, mc = mtp_forward(params, last_hidden[:, None], y[:, None], config, positions=(lengths - 1)[:, None],
+                              cache=cache["mtp"], parallel=parallel)
+        cache = {**cache, "mtp": mc}
+        draft = jnp.argmax(model.lm_head(params, out[:, 0]), axis=-1).astype(jnp.int32)
+    state = _State(cache, y, draft, count, done)
+    no = jnp.zeros_like(done)
+    return state, _Out(jnp.stack([y, y], 1), count, no, no, done, logits[:, None] if with_logits else None)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "greedy", "with_logits", "mesh"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("config", "greedy", "with_logits", "parallel"),
+                   donate_argnames=("state",))
 def _step(params, state: _State, consts: _Consts, *, config: Config, greedy: bool, with_logits: bool,
-          mesh: Any = None):
+          parallel: Parallelism | None = None):
     """One plain decode step: every active sequence feeds its newest token and draws the next one."""
-    with _parallel(mesh):
-        active = ~state.done
-        aux = model.forward_hidden(params, state.tokens[:, None], config, positions=state.cache["lengths"][:, None],
-                                   cache=cache_lib.layer_caches(state.cache))
-        logits = model.lm_head(params, aux.hidden[:, 0])
-        y = _sample(logits, consts, state.count, greedy)
-        n_new = active.astype(jnp.int32)
-        count = state.count + n_new
-        done = state.done | (active & (_is_stop(y, consts.stop) | (count >= consts.max_new)))
-        cache = {**state.cache, **aux.cache, "lengths": state.cache["lengths"] + n_new}
-        new = _State(cache, jnp.where(active, y, state.tokens), state.draft, count, done)
-        no = jnp.zeros_like(done)
-        return new, _Out(jnp.stack([y, y], 1), n_new, no, no, done, logits[:, None] if with_logits else None)
+    active = ~state.done
+    aux = model.forward_hidden(params, state.tokens[:, None], config, positions=state.cache["lengths"][:, None],
+                               cache=cache_lib.layer_caches(state.cache), parallel=parallel)
+    logits = model.lm_head(params, aux.hidden[:, 0])
+    y = _sample(logits, consts, state.count, greedy)
+    n_new = active.astype(jnp.int32)
+    count = state.count + n_new
+    done = state.done | (active & (_is_stop(y, consts.stop) | (count >= consts.max_new)))
+    cache = {**state.cache, **aux.cache, "lengths": state.cache["lengths"] + n_new}
+    new = _State(cache, jnp.where(active, y, state.tokens), state.draft, count, done)
+    no = jnp.zeros_like(done)
+    return new, _Out(jnp.stack([y, y], 1), n_new, no, no, done, logits[:, None] if with_logits else None)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "greedy", "with_logits", "mesh"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("config", "greedy", "with_logits", "parallel"),
+                   donate_argnames=("state",))
 def _spec_step(params, state: _State, consts: _Consts, *, config: Config, greedy: bool, with_logits: bool,
-               mesh: Any = None):
+               parallel: Parallelism | None = None):
     """One speculative step: verify the MTP draft (2 tokens through the model), draft the next one."""
-    with _parallel(mesh):
-        active = ~state.done
-        toks = jnp.stack([state.tokens, state.draft], 1)
-        p = state.cache["lengths"]
-        pos = jnp.stack([p, p + 1], 1)
-        aux = model.forward_hidden(params, toks, config, positions=pos, cache=cache_lib.layer_caches(state.cache))
-        logits = model.lm_head(params, aux.hidden)  # [B, 2, V]
-        y1 = _sample(logits[:, 0], consts, state.count, greedy)
-        y2 = _sample(logits[:, 1], consts, state.count + 1, greedy)  # valid only if the draft was right
-        accepted = active & (y1 == state.draft)
-        c1 = state.count + 1
-        first_ends = _is_stop(y1, consts.stop) | (c1 >= consts.max_new)
-        take2 = accepted & ~first_ends
-        second_ends = _is_stop(y2, consts.stop) | (c1 + 1 >= consts.max_new)
-        n_new = active.astype(jnp.int32) * (1 + take2.astype(jnp.int32))
-        done = state.done | (active & (first_ends | (take2 & second_ends)))
-        # MTP at [p, p+1] with next tokens [y1, y2]: row p is always right (h_p and y1 are final); row p+1 is
-        # right only if the draft was accepted, else it is rewritten next step. The new draft comes from the
-        # newest row whose inputs are right.
-        out, mc = mtp_forward(params, aux.hidden, jnp.stack([y1, y2], 1), config, positions=pos,
-                              cache=state.cache["mtp"])
-        row = jnp.take_along_axis(out, take2.astype(jnp.int32)[:, None, None], axis=1)[:, 0]
-        draft = jnp.argmax(model.lm_head(params, row), axis=-1).astype(jnp.int32)
-        cache = {**state.cache, **aux.cache, "mtp": mc, "lengths": p + n_new}
-        newest = jnp.where(take2, y2, y1)
-        new = _State(cache, jnp.where(active, newest, state.tokens), jnp.where(active, draft, state.draft),
-                     state.count + n_new, done)
-        return new, _Out(jnp.stack([y1, y2], 1), n_new, active, accepted, done, logits if with_logits else None)
+    active = ~state.done
+    toks = jnp.stack([state.tokens, state.draft], 1)
+    p = state.cache["lengths"]
+    pos = jnp.stack([p, p + 1], 1)
+    aux = model.forward_hidden(params, toks, config, positions=pos, cache=cache_lib.layer_caches(state.cache),
+                               parallel=parallel)
+    logits = model.lm_head(params, aux.hidden)  # [B, 2, V]
+    y1 = _sample(logits[:, 0], consts, state.count, greedy)
+    y2 = _sample(logits[:, 1], consts, state.count + 1, greedy)  # valid only if the draft was right
+    accepted = active & (y1 == state.draft)
+    c1 = state.count + 1
+    first_ends = _is_stop(y1, consts.stop) | (c1 >= consts.max_new)
+    take2 = accepted & ~first_ends
+    second_ends = _is_stop(y2, consts.stop) | (c1 + 1 >= consts.max_new)
+    n_new = active.astype(jnp.int32) * (1 + take2.astype(jnp.int32))
+    done = state.done | (active & (first_ends | (take2 & second_ends)))
+    # MTP at [p, p+1] with next tokens [y1, y2]: row p is always right (h_p and y1 are final); row p+1 is
+    # right only if the draft was accepted, else it is rewritten next step. The new draft comes from the
+    # newest row whose inputs are right.
+    out, mc = mtp_forward(params, aux.hidden, jnp.stack([y1, y2], 1), config, positions=pos,
+                          cache=state.cache["mtp"], parallel=parallel)
+    row = jnp.take_along_axis(out, take2.astype(jnp.int32)[:, None, None], axis=1)[:, 0]
+    draft = jnp.argmax(model.lm_head(params, row), axis=-1).astype(jnp.int32)
+    cache = {**state.cache, **aux.cache, "mtp": mc, "lengths": p + n_new}
+    newest = jnp.where(take2, y2, y1)
+    new = _State(cache, jnp.where(active, newest, state.tokens), jnp.where(active, draft, state.draft),
+                 state.count + n_new, done)
+    return new, _Out(jnp.stack([y1, y2], 1), n_new, active, accepted, done, logits if with_logits else None)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -260,7 +251,7 @@ def _stop_array(stop_tokens: Any, n: int, vocab: int) -> np.ndarray:
 def generate_with_stats(params: Params, config: Config, prompts: Sequence[Sequence[int]], *,
                         max_new_tokens: int | Sequence[int], temperature: float = 0.0, top_p: float = 1.0,
                         top_k: int = 0, seed: int = 0, stop_tokens: Sequence[int] | Sequence[Sequence[int]] = (),
-                        mesh: Any = None, callback: Callback | None = None, mtp: bool = False,
+                        parallel: Parallelism | None = None, callback: Callback | None = None, mtp: bool = False,
                         max_len: int | None = None, prefill_chunk: int = 512,
                         return_logits: bool = False) -> GenerationResult:
     """`generate`, also returning timings, MTP acceptance and (optionally) the logits of every new token.
@@ -270,13 +261,7 @@ def generate_with_stats(params: Params, config: Config, prompts: Sequence[Sequen
     call: bounds prefill memory for long prompts), return_logits (keep each new token's logits; testing).
     """
     c = config
-    if mesh is not None:
-        import sharding  # sharding builds on dsjax
-
-        if not isinstance(mesh, jax.sharding.Mesh):
-            raise ValueError(f"mesh must be a jax.sharding.Mesh (sharding.make_mesh) or None, "
-                             f"got {type(mesh).__name__}.")
-        sharding.check_mesh(c, mesh)
+    parallel_lib.check(parallel, c)
     rows = _check_prompts(prompts, c)
     b = len(rows)
     num = lambda x: float(x) if isinstance(x, numbers.Real) and not isinstance(x, bool) else x
@@ -316,19 +301,19 @@ def generate_with_stats(params: Params, config: Config, prompts: Sequence[Sequen
 
     consts = _Consts(jax.random.key(seed), jnp.arange(b, dtype=jnp.int32), jnp.asarray(max_new, jnp.int32),
                      jnp.asarray(stop), jnp.float32(sp.temperature), jnp.float32(sp.top_p), jnp.int32(sp.top_k))
-    kw = dict(config=c, greedy=sp.greedy, with_logits=return_logits, mesh=mesh)
+    kw = dict(config=c, greedy=sp.greedy, with_logits=return_logits, parallel=parallel)
 
     t0 = time.perf_counter()
     cache = cache_lib.init_cache(c, b, s_max, mtp=mtp)
-    if mesh is not None:  # params and cache by the sharding rules; XLA partitions the rest of each step
-        params = sharding.shard_params(params, c, mesh)
-        cache = jax.tree.map(sharding.put, cache, sharding.cache_shardings(cache, mesh))
+    if parallel is not None:  # params and cache by the layout's rules; XLA partitions the rest of each step
+        params = parallel.place_params(params, c)
+        cache = parallel.place(cache, cache_lib.axes_of(cache))
     last_hidden = jnp.zeros((b, c.hidden_size), c.compute_dtype)
     for k in range(n_chunks):
         sl = slice(k * chunk, (k + 1) * chunk)
         cache, last_hidden = _prefill_chunk(params, cache, toks[:, sl], pos[:, sl], toks[:, k * chunk + 1:
                                             (k + 1) * chunk + 1], mtp_pos[:, sl], lens - 1 - k * chunk,
-                                            last_hidden, config=c, use_mtp=mtp, mesh=mesh)
+                                            last_hidden, config=c, use_mtp=mtp, parallel=parallel)
     state, out = _start(params, cache, last_hidden, consts, use_mtp=mtp, **kw)
     jax.block_until_ready(out)
     t1 = time.perf_counter()
@@ -380,7 +365,8 @@ def generate_with_stats(params: Params, config: Config, prompts: Sequence[Sequen
 
 def generate(params: Params, config: Config, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int | Sequence[int], temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             seed: int = 0, stop_tokens: Sequence[int] | Sequence[Sequence[int]] = (), mesh: Any = None,
+             seed: int = 0, stop_tokens: Sequence[int] | Sequence[Sequence[int]] = (),
+             parallel: Parallelism | None = None,
              callback: Callback | None = None, mtp: bool = False, max_len: int | None = None,
              prefill_chunk: int = 512) -> list[list[int]]:
     """Generate continuations of a batch of token-id prompts of different lengths.
@@ -394,7 +380,7 @@ def generate(params: Params, config: Config, prompts: Sequence[Sequence[int]], *
       top_p: nucleus truncation (1 = off). top_k: keep the k most likely tokens (0 = off).
       seed: PRNG seed; the same seed gives the same tokens.
       stop_tokens: ids that end a sequence (kept as its last token): one list for all, or one per prompt.
-      mesh: optional `jax.sharding.Mesh` (`sharding.make_mesh`): params and cache are placed by the sharding
+      parallel: optional layout, e.g. `sharding.MeshParallelism(mesh)`: params and cache are placed by its
         rules, MoE runs expert-parallel and attention context-parallel inside every step.
       callback: called after each decode step with the new tokens per prompt (list of B lists, some empty).
       mtp: speculative decoding with the MTP module (needs MTP weights).
@@ -404,5 +390,5 @@ def generate(params: Params, config: Config, prompts: Sequence[Sequence[int]], *
       B lists of new token ids.
     """
     return generate_with_stats(params, config, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_p=top_p, top_k=top_k, seed=seed, stop_tokens=stop_tokens, mesh=mesh,
+                               top_p=top_p, top_k=top_k, seed=seed, stop_tokens=stop_tokens, parallel=parallel,
                                callback=callback, mtp=mtp, max_len=max_len, prefill_chunk=prefill_chunk).tokens

@@ -16,9 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax import attention, indexer_loss as indexer_loss_lib, moe as moe_lib
+from dsjax import attention, indexer_loss as indexer_loss_lib, moe as moe_lib, parallel as parallel_lib
 from dsjax.config import Config
-from dsjax.layers import add_rms_norm, dense_fp32, rms_norm, swiglu, weight
+from dsjax.latents import Latents
+from dsjax.layers import add_rms_norm, dense_fp32, swiglu, weight
+from dsjax.parallel import ACTIVATIONS, Parallelism, constrain
 from dsjax.rope import cos_sin
 
 Params = Mapping[str, Any]
@@ -34,6 +36,7 @@ class Aux(NamedTuple):
     indexer_loss: jax.Array | None = None  # f32 [] indexer KL loss averaged over layers (when requested)
 
 
+@jax.named_scope("embed")
 def embed(params: Params, tokens: jax.Array, config: Config) -> jax.Array:
     """Token embedding in the compute dtype. tokens: int [B, L] -> [B, L, D]."""
     return jnp.take(weight(params["embed"]), tokens, axis=0).astype(config.compute_dtype)
@@ -41,28 +44,32 @@ def embed(params: Params, tokens: jax.Array, config: Config) -> jax.Array:
 
 def block(p: Params, carry: tuple[jax.Array, jax.Array], cos: jax.Array, sin: jax.Array, config: Config, *,
           positions: jax.Array, segment_ids: jax.Array | None, is_moe: bool,
-          cache: attention.Latents | None = None, layer: jax.Array | None = None,
-          indexer_loss: str | None = None):
+          cache: Latents | None = None, layer: jax.Array | None = None,
+          indexer_loss: str | None = None, parallel: Parallelism | None = None):
     """One decoder layer on the (h, resid) carry -> (new carry, MoE stats or None, updated cache or None,
     indexer KL loss or None). `layer`: this layer's index when `cache` is the whole stack's cache (see
-    `attention.mla`)."""
-    h, resid = carry
+    `attention.mla`). parallel: the run's layout (None = one device)."""
+    h, resid = (constrain(a, ACTIVATIONS, parallel) for a in carry)  # the residual stream, [B, T, D]
     eps = config.rms_norm_eps
-    x, resid = add_rms_norm(h, resid, p["attn_norm"], eps)
-    a, cache, iloss = attention.mla(p["attn"], x, cos, sin, config, positions=positions,
-                                    segment_ids=segment_ids, cache=cache, layer=layer, indexer_loss=indexer_loss)
-    x, resid = add_rms_norm(a, resid, p["mlp_norm"], eps)
-    if is_moe:
-        f, stats = moe_lib.moe(p["moe"], x, config)
-    else:
-        f, stats = swiglu(x, p["mlp"]), None
-    return (f, resid), stats, cache, iloss
+    with jax.named_scope("attention"):
+        x, resid = add_rms_norm(h, resid, p["attn_norm"], eps)
+        a, cache, iloss = attention.mla(p["attn"], x, cos, sin, config, positions=positions,
+                                        segment_ids=segment_ids, cache=cache, layer=layer,
+                                        indexer_loss=indexer_loss, parallel=parallel)
+    with jax.named_scope("moe" if is_moe else "mlp"):
+        x, resid = add_rms_norm(constrain(a, ACTIVATIONS, parallel), resid, p["mlp_norm"], eps)
+        if is_moe:
+            f, stats = moe_lib.moe(p["moe"], x, config, parallel)
+        else:
+            f, stats = swiglu(x, p["mlp"]), None
+    return (constrain(f, ACTIVATIONS, parallel), resid), stats, cache, iloss
 
 
 def _stack(stack: Params, carry, cos, sin, config: Config, *, positions, segment_ids, is_moe: bool,
-           remat: str | None, cache: attention.Latents | None, indexer_loss: str | None = None):
+           remat: str | None, cache: Latents | None, indexer_loss: str | None = None,
+           parallel: Parallelism | None = None):
     fn = functools.partial(block, cos=cos, sin=sin, config=config, positions=positions,
-                           segment_ids=segment_ids, is_moe=is_moe, indexer_loss=indexer_loss)
+                           segment_ids=segment_ids, is_moe=is_moe, indexer_loss=indexer_loss, parallel=parallel)
     if remat is not None:
         fn = jax.checkpoint(fn, policy=remat_policy(remat))
 
@@ -106,7 +113,8 @@ def default_positions(tokens: jax.Array) -> jax.Array:
 
 def forward_hidden(params: Params, tokens: jax.Array, config: Config, *, positions: jax.Array | None = None,
                    segment_ids: jax.Array | None = None, remat: str | None = None,
-                   cache: Mapping[str, attention.Latents] | None = None, indexer_loss: str | None = None) -> Aux:
+                   cache: Mapping[str, Latents] | None = None, indexer_loss: str | None = None,
+                   parallel: Parallelism | None = None) -> Aux:
     """Run the decoder stacks; returns the final-normed hidden state and routing statistics.
 
     tokens: int32 [B, L]; positions: int32 [B, L] (default arange; RoPE angle and causal order);
@@ -115,6 +123,8 @@ def forward_hidden(params: Params, tokens: jax.Array, config: Config, *, positio
     latents are written at `positions` and attention reads the whole cache (prefill / decode).
     indexer_loss (static): "dense_warmup" or "sparse" computes the indexer KL loss of every layer
     (`dsjax.indexer_loss`; stage-1 attention is then dense) into `Aux.indexer_loss`.
+    parallel: the run's layout (`dsjax.parallel.Parallelism`, e.g. `sharding.MeshParallelism(mesh)`):
+    attention and MoE take their parallel implementations from it; None = one device.
     """
     c = config
     indexer_loss_lib.check_mode(indexer_loss, c, has_cache=cache is not None)
@@ -122,7 +132,8 @@ def forward_hidden(params: Params, tokens: jax.Array, config: Config, *, positio
     cos, sin = cos_sin(c, positions)
     h = embed(params, tokens, c)
     carry = (h, jnp.zeros_like(h))  # zero residual: layer 0's fused norm then sees h exactly
-    kw = dict(positions=positions, segment_ids=segment_ids, remat=remat, indexer_loss=indexer_loss)
+    kw = dict(positions=positions, segment_ids=segment_ids, remat=remat, indexer_loss=indexer_loss,
+              parallel=parallel)
     new_cache = {} if cache is not None else None
     ilosses = []
     if c.n_dense_layers:
@@ -140,11 +151,13 @@ def forward_hidden(params: Params, tokens: jax.Array, config: Config, *, positio
         if cache is not None:
             new_cache["moe"] = lc
     f, resid = carry
-    hidden, _ = add_rms_norm(f, resid, params["final_norm"], c.rms_norm_eps)
+    with jax.named_scope("final_norm"):
+        hidden, _ = add_rms_norm(f, resid, params["final_norm"], c.rms_norm_eps)
     iloss = None if indexer_loss is None else jnp.mean(jnp.concatenate(ilosses))
     return Aux(hidden, load, score, new_cache, iloss)
 
 
+@jax.named_scope("lm_head")
 def lm_head(params: Params, hidden: jax.Array) -> jax.Array:
     """Logits in true fp32 (official: fp32 head weight, fp32 matmul). hidden [..., D] -> [..., V]."""
     return dense_fp32(hidden, params["lm_head"])
@@ -152,12 +165,14 @@ def lm_head(params: Params, hidden: jax.Array) -> jax.Array:
 
 def forward_with_aux(params: Params, tokens: jax.Array, config: Config, *, positions: jax.Array | None = None,
                      segment_ids: jax.Array | None = None, remat: str | None = None,
-                     indexer_loss: str | None = None) -> tuple[jax.Array, Aux]:
+                     indexer_loss: str | None = None,
+                     parallel: Parallelism | None = None) -> tuple[jax.Array, Aux]:
     """(logits f32 [B, L, V], Aux). Pure and jittable; no input validation (see `forward`).
-    indexer_loss: see `forward_hidden`."""
+    indexer_loss, parallel: see `forward_hidden` (the tokens in the order the layout expects: for
+    context parallelism in zig-zag order, which `sharding.forward_with_aux` handles)."""
     aux = forward_hidden(params, tokens, config, positions=positions, segment_ids=segment_ids, remat=remat,
-                         indexer_loss=indexer_loss)
-    return lm_head(params, aux.hidden), aux
+                         indexer_loss=indexer_loss, parallel=parallel)
+    return constrain(lm_head(params, aux.hidden), parallel_lib.LOGITS, parallel), aux
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -186,7 +201,7 @@ def check_tokens(tokens: Any, config: Config, *, what: str = "tokens") -> None:
 
 
 def forward(params: Params, tokens: Any, config: Config, *, positions: Any = None, segment_ids: Any = None,
-            mesh: Any = None) -> jax.Array:
+            parallel: Parallelism | None = None) -> jax.Array:
     """Logits of a batch of token sequences.
 
     Args:
@@ -195,20 +210,18 @@ def forward(params: Params, tokens: Any, config: Config, *, positions: Any = Non
       config: the model `Config` (static).
       positions: optional int32 [B, L] positions (default 0..L-1).
       segment_ids: optional int32 [B, L] packed-document ids; attention never crosses them.
-      mesh: optional `jax.sharding.Mesh`; params and activations follow `sharding` rules on it.
+      parallel: optional layout, e.g. `sharding.MeshParallelism(mesh)`: params are placed by its rules and
+        the forward runs expert- and context-parallel on it (`parallel.forward`).
     Returns:
-      float32 logits [B, L, vocab_size].
+      float32 logits [B, L, vocab_size] (sharded by the layout when `parallel` is given).
     """
     check_tokens(tokens, config)
+    parallel_lib.check(parallel, config)
     tokens = jnp.asarray(tokens, jnp.int32)
     if positions is not None:
         positions = jnp.asarray(positions, jnp.int32)
     if segment_ids is not None:
         segment_ids = jnp.asarray(segment_ids, jnp.int32)
-    if mesh is not None:
-        import sharding  # local import: sharding depends on the model
-
-        if not hasattr(sharding, "sharded_forward"):
-            raise NotImplementedError("forward(mesh=...) needs sharding.sharded_forward, which this build lacks.")
-        return sharding.sharded_forward(params, tokens, config, mesh, positions=positions, segment_ids=segment_ids)
+    if parallel is not None:
+        return parallel.forward(params, tokens, config, positions=positions, segment_ids=segment_ids)
     return _forward_jit(params, tokens, config, positions, segment_ids)

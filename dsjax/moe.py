@@ -11,14 +11,14 @@ dispatch():  dropless: the (token, slot) pairs are sorted by expert and run thro
 
 from __future__ import annotations
 
-import contextvars
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from dsjax.config import Config
 from dsjax.layers import dense_fp32, swiglu, weight
+from dsjax.parallel import FLAT_TOKENS, Parallelism, constrain
 
 
 class Routing(NamedTuple):
@@ -94,6 +94,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, config: C
     return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes, preferred_element_type=jnp.float32)
 
 
+@jax.named_scope("experts")
 def experts_ffn(x_sorted: jax.Array, experts: Mapping[str, Any], group_sizes: jax.Array,
                 config: Config, *, out_dtype: Any = None) -> jax.Array:
     """SwiGLU of every row through its own expert. x_sorted [M, D] -> [M, D] (out_dtype, default x dtype).
@@ -124,13 +125,6 @@ def dispatch(x: jax.Array, r: Routing, experts: Mapping[str, Any], config: Confi
     return jnp.einsum("nkd,nk->nd", y.reshape(n, k, d).astype(jnp.float32), r.weights)
 
 
-# Set by `sharding` while it traces a forward pass on a mesh: hook(x [N, D], p, config) -> (routed output
-# f32 [N, D], Routing) runs `route` and the experts per device (expert parallelism: shard_map +
-# all-to-all). None: local `route` + `dispatch`.
-DISPATCH_HOOK: contextvars.ContextVar[Callable[..., tuple[jax.Array, Routing]] | None] = contextvars.ContextVar(
-    "dsjax_moe_dispatch_hook", default=None)
-
-
 class MoEStats(NamedTuple):
     """Per-layer routing statistics for balancing losses and the aux-loss-free bias update."""
 
@@ -138,18 +132,27 @@ class MoEStats(NamedTuple):
     mean_score: jax.Array  # f32 [B, E]: per sequence, mean normalised affinity s'_i (balance loss P_i)
 
 
-def moe(p: Mapping[str, Any], x: jax.Array, config: Config) -> tuple[jax.Array, MoEStats]:
-    """Shared expert + routed experts. x: [B, T, D] -> ([B, T, D], stats)."""
+def moe(p: Mapping[str, Any], x: jax.Array, config: Config,
+        parallel: Parallelism | None = None) -> tuple[jax.Array, MoEStats]:
+    """Shared expert + routed experts. x: [B, T, D] -> ([B, T, D], stats).
+
+    parallel: the run's layout; its `route_and_dispatch` runs the routed experts (expert parallelism).
+    None: local `route` + `dispatch` on one device.
+    """
     b, t, d = x.shape
-    xf = x.reshape(b * t, d)
-    hook = DISPATCH_HOOK.get()
-    if hook is not None:
-        y, r = hook(xf, p, config)
+    xf = constrain(x.reshape(b * t, d), FLAT_TOKENS, parallel)
+    if parallel is not None:
+        with jax.named_scope("moe_dispatch"):
+            y, r = parallel.route_and_dispatch(xf, p, config)
     else:
-        r = route(xf, p["router"], p["bias"], config)
-        y = dispatch(xf, r, p["experts"], config)
+        with jax.named_scope("moe_route"):
+            r = route(xf, p["router"], p["bias"], config)
+        with jax.named_scope("moe_dispatch"):
+            y = dispatch(xf, r, p["experts"], config)
+    y = constrain(y, FLAT_TOKENS, parallel)
     if "shared" in p:
-        y = y + swiglu(xf, p["shared"]).astype(jnp.float32)
+        with jax.named_scope("shared_expert"):
+            y = y + swiglu(xf, p["shared"]).astype(jnp.float32)
     e = config.n_routed_experts
     counts = jax.vmap(lambda ids: jnp.bincount(ids, length=e))(r.experts.reshape(b, -1)).astype(jnp.float32)
     norm_scores = (r.scores / jnp.sum(r.scores, axis=-1, keepdims=True)).reshape(b, t, e)

@@ -16,38 +16,44 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from dsjax.attention import Latents
 from dsjax.config import Config
+from dsjax.latents import Latents
 from dsjax.layers import add_rms_norm, dense, rms_norm
 from dsjax.model import block, default_positions, embed, lm_head
+from dsjax.parallel import Parallelism
 from dsjax.rope import cos_sin
 
 
 def mtp_forward(params: Mapping[str, Any], hidden: jax.Array, next_tokens: jax.Array, config: Config, *,
                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                cache: Latents | None = None, return_stats: bool = False) -> tuple:
+                cache: Latents | None = None, return_stats: bool = False,
+                parallel: Parallelism | None = None) -> tuple:
     """MTP hidden state [B, T, D] and the MTP block's updated cache (and, with return_stats, its MoEStats
     or None: training needs them for the balance loss and the router-bias update).
 
     hidden: the main model's final-normed hidden [B, T, D] at `positions`; next_tokens: t_{i+1} [B, T].
     cache: optional MTP-layer latents (leaves [B, S_max, .], slot = position) for speculative drafting;
     the new rows are written at `positions` (< 0: dropped) and the block attends over the whole cache.
+    parallel: the run's layout (None = one device), as in `model.forward_hidden`.
     """
-    out, cache, stats, _ = _mtp(params, hidden, next_tokens, config, positions, segment_ids, cache, None)
+    out, cache, stats, _ = _mtp(params, hidden, next_tokens, config, positions, segment_ids, cache, None, parallel)
     return (out, cache, stats) if return_stats else (out, cache)
 
 
 def mtp_train_forward(params: Mapping[str, Any], hidden: jax.Array, next_tokens: jax.Array, config: Config, *,
                       positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                      indexer_loss: str | None = None) -> tuple[jax.Array, Any, jax.Array | None]:
+                      indexer_loss: str | None = None,
+                      parallel: Parallelism | None = None) -> tuple[jax.Array, Any, jax.Array | None]:
     """Training form of `mtp_forward` (no cache): (MTP hidden [B, L, D], MoEStats or None, the MTP block's
     indexer KL loss or None). indexer_loss: None, "dense_warmup" or "sparse", as in `model.forward_hidden`:
     the block's own lightning indexer learns from the KL to its attention in the DSA training stages."""
-    out, _, stats, iloss = _mtp(params, hidden, next_tokens, config, positions, segment_ids, None, indexer_loss)
+    out, _, stats, iloss = _mtp(params, hidden, next_tokens, config, positions, segment_ids, None, indexer_loss,
+                                parallel)
     return out, stats, iloss
 
 
-def _mtp(params, hidden, next_tokens, config: Config, positions, segment_ids, cache, indexer_loss):
+@jax.named_scope("mtp")
+def _mtp(params, hidden, next_tokens, config: Config, positions, segment_ids, cache, indexer_loss, parallel):
     c = config
     if "mtp" not in params:
         raise ValueError("these params have no MTP module (num_nextn_predict_layers=0 or not loaded).")
@@ -59,7 +65,7 @@ def _mtp(params, hidden, next_tokens, config: Config, positions, segment_ids, ca
     z = dense(jnp.concatenate([e, h], axis=-1), p["eh_proj"])
     (f, resid), stats, cache, iloss = block(p["block"], (z, jnp.zeros_like(z)), cos, sin, c, positions=positions,
                                             segment_ids=segment_ids, is_moe=c.mtp_is_moe, cache=cache,
-                                            indexer_loss=indexer_loss)
+                                            indexer_loss=indexer_loss, parallel=parallel)
     out, _ = add_rms_norm(f, resid, p["norm"], c.rms_norm_eps)
     return out, cache, stats, iloss
 

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from experiments import bench_utils  # noqa: E402
 from experiments.bench_utils import best_time as _best  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -28,9 +29,11 @@ flags.DEFINE_integer("seq_len", 512, "Sequence length of the full-model comparis
 flags.DEFINE_list("dsa_lengths", ["4096", "16384"], "Sequence lengths of the DSA-vs-dense table.")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (best is reported).")
 flags.DEFINE_bool("skip_hf", False, "Skip the HF PyTorch comparison.")
+flags.DEFINE_string("profile", None, "Write a profiler trace of the dsjax forward to this directory and print the "
+                    "top named scopes by time.")
 
 
-def full_model_table(cfg_name, batch, seq_len, repeats, skip_hf):
+def full_model_table(cfg_name, batch, seq_len, repeats, skip_hf, profile_dir=None):
     import jax
     import numpy as np
 
@@ -73,6 +76,13 @@ def full_model_table(cfg_name, batch, seq_len, repeats, skip_hf):
         print(f"| {name} | {t:.3f} | {n_tok / t:,.0f} |")
     if len(rows) == 2:
         print(f"| **ratio dsjax / HF (tokens/s)** | | **{rows[1][1] / rows[0][1]:.2f}x** |")
+    if profile_dir:
+        from dsjax import model as model_lib
+
+        toks = jax.numpy.asarray(tokens, jax.numpy.int32)
+        text = model_lib._forward_jit.lower(params, toks, cfg, None, None).compile().as_text()
+        bench_utils.print_profile(f"forward, preset={cfg_name}, batch={batch}, seq_len={seq_len}",
+                                  bench_utils.profile_scopes(run, [text], profile_dir))
 
 
 def dsa_table(lengths, repeats):
@@ -129,10 +139,12 @@ def dsa_table(lengths, repeats):
 
 def main(argv):
     del argv
+    if FLAGS.profile:
+        bench_utils.enable_op_tracing()  # before jax starts its backend
     import jax
 
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores")
-    full_model_table(FLAGS.config, FLAGS.batch, FLAGS.seq_len, FLAGS.repeats, FLAGS.skip_hf)
+    full_model_table(FLAGS.config, FLAGS.batch, FLAGS.seq_len, FLAGS.repeats, FLAGS.skip_hf, FLAGS.profile)
     dsa_table([int(x) for x in FLAGS.dsa_lengths], FLAGS.repeats)
 
 

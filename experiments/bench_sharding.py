@@ -123,8 +123,7 @@ def ep_table(config, ep: int, tokens: int):
 
     def ours(impl):
         def f(p, x):
-            with sharding.parallel(mesh, ep_impl=impl, ep_buffer_bytes=big):
-                return moe.moe(p, x, config)[0]
+            return moe.moe(p, x, config, sharding.MeshParallelism(mesh, ep_impl=impl, ep_buffer_bytes=big))[0]
         return f
 
     def replicate_experts(p, x):
@@ -180,8 +179,7 @@ def cp_table(config, sp: int, length: int):
     def ours(p, x):
         pos = jnp.arange(length, dtype=jnp.int32)[None]
         cos, sin = cos_sin(config, pos)
-        with sharding.parallel(mesh):
-            return attention.mla(p, x, cos, sin, config, positions=pos)[0]
+        return attention.mla(p, x, cos, sin, config, positions=pos, parallel=sharding.MeshParallelism(mesh))[0]
 
     def gather_activations(p, x):
         """Naive: all-gather the hidden states, project every token's keys locally, attend own queries."""

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
+from experiments import bench_utils  # noqa: E402
 from experiments.bench_utils import best_time  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -36,6 +37,8 @@ flags.DEFINE_integer("seq_len", 256, "tokens per row")
 flags.DEFINE_integer("index_topk", 64, "DSA top-k (< seq_len: DSA prunes)")
 flags.DEFINE_integer("steps", 5, "timed steps per implementation (median reported)")
 flags.DEFINE_bool("skip_hf", False, "skip the HF / torch rows")
+flags.DEFINE_string("profile", None, "write a profiler trace of the dsjax step (remat=full) to this directory and "
+                    "print the top named scopes by time")
 
 
 def peak_flops() -> dict[str, float]:
@@ -78,7 +81,7 @@ def model_flops_per_step(c, batch: int, seq_len: int) -> float:
     return 3 * 2 * (per_token_w + per_token_attn) * batch * seq_len
 
 
-def bench_dsjax(cfg, params, tokens, remat, steps):
+def bench_dsjax(cfg, params, tokens, remat, steps, profile_dir=None):
     import jax
     import numpy as np
 
@@ -101,6 +104,15 @@ def bench_dsjax(cfg, params, tokens, remat, steps):
         state, m = fn(state, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
+    if profile_dir:
+        holder = {"state": state}
+
+        def run():
+            holder["state"], out = fn(holder["state"], batch)
+            jax.block_until_ready(out)
+
+        text = fn.lower(state, batch).compile().as_text()
+        bench_utils.print_profile(f"train step, remat={remat}", bench_utils.profile_scopes(run, [text], profile_dir))
     return statistics.median(times), compile_s, float(m["ce"])
 
 
@@ -133,6 +145,8 @@ def bench_hf(model, tokens, steps):
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    if FLAGS.profile:
+        bench_utils.enable_op_tracing()  # before jax starts its backend
     import jax
     import numpy as np
 
@@ -164,7 +178,8 @@ def main(argv):
     flops = model_flops_per_step(cfg, b, l)
     rows = []
     for remat in (None, "full"):
-        t, compile_s, loss = bench_dsjax(cfg, params, tokens, remat, FLAGS.steps)
+        t, compile_s, loss = bench_dsjax(cfg, params, tokens, remat, FLAGS.steps,
+                                         FLAGS.profile if remat == "full" else None)
         rows.append((f"dsjax (jit, remat={remat})", t, loss, f"compile {compile_s:.0f} s"))
     if model is not None:
         t, loss = bench_hf(model, tokens, FLAGS.steps)

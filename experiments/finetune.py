@@ -85,10 +85,12 @@ class FlagError(ValueError):
 
 
 def parse_mesh(spec: str | None):
+    """The run's layout (`sharding.MeshParallelism`) from --mesh; None for one device."""
     import sharding
 
     try:
-        return sharding.mesh_from_spec(spec)
+        mesh = sharding.mesh_from_spec(spec)
+        return None if mesh is None else sharding.MeshParallelism(mesh)
     except ValueError as e:
         raise FlagError(f"--mesh: {e}") from None
 
@@ -132,7 +134,7 @@ def build_run_config():
     return trainer.RunConfig(train=tc, data=dc, tokenizer=FLAGS.tokenizer, steps=FLAGS.steps, workdir=FLAGS.workdir,
                              model=model, model_options=options, init_ckpt=FLAGS.init_ckpt,
                              save_every=FLAGS.save_every, keep=FLAGS.keep, resume=FLAGS.resume, seed=FLAGS.seed,
-                             mesh=parse_mesh(FLAGS.mesh), export_hf=FLAGS.export_hf, progress=FLAGS.progress)
+                             parallel=parse_mesh(FLAGS.mesh), export_hf=FLAGS.export_hf, progress=FLAGS.progress)
 
 
 def main(argv):

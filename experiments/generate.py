@@ -52,17 +52,20 @@ flags.DEFINE_bool("warmup", False, "Compile with an untimed 2-token run first, s
 
 
 def parse_mesh(text, config):
-    """A `sharding.make_mesh` mesh from "axis=size,..." (None for no mesh)."""
+    """The layout (`sharding.MeshParallelism` over `sharding.make_mesh`) from "axis=size,..." (None for
+    no mesh)."""
     import sharding
 
     try:
-        return sharding.mesh_from_spec(text, config=config)
+        mesh = sharding.mesh_from_spec(text, config=config)
+        return None if mesh is None else sharding.MeshParallelism(mesh)
     except ValueError as e:
         raise app.UsageError(f"--mesh: {e}") from None
 
 
-def load_model(ckpt_dir=None, hf_dir=None, config=None, dtype=None, mesh=None):
-    """(Config, params) from exactly one of ckpt_dir / hf_dir / config (restored onto `mesh` for ckpt_dir)."""
+def load_model(ckpt_dir=None, hf_dir=None, config=None, dtype=None, parallel=None):
+    """(Config, params) from exactly one of ckpt_dir / hf_dir / config (restored onto the `parallel` layout for
+    ckpt_dir)."""
     import jax
 
     import checkpoints
@@ -72,7 +75,7 @@ def load_model(ckpt_dir=None, hf_dir=None, config=None, dtype=None, mesh=None):
     if len(given) != 1:
         raise app.UsageError(f"pass exactly one of --ckpt_dir, --hf_dir, --config (got {given or 'none'}).")
     if ckpt_dir:
-        return checkpoints.load(ckpt_dir, mesh=mesh, dtype=dtype)
+        return checkpoints.load(ckpt_dir, parallel=parallel, dtype=dtype)
     dtype = dtype or "bfloat16"
     if hf_dir:
         return checkpoints.load_hf(hf_dir, dtype=dtype)
@@ -101,12 +104,12 @@ def main(argv):
     import dsjax
     from dsjax.generate import cache_length
 
-    mesh = None
+    par = None
     if FLAGS.mesh and FLAGS.ckpt_dir:  # restore straight into the shards (the config comes with the checkpoint)
-        mesh = parse_mesh(FLAGS.mesh, None)
-    cfg, params = load_model(FLAGS.ckpt_dir, FLAGS.hf_dir, FLAGS.config, FLAGS.dtype, mesh)
+        par = parse_mesh(FLAGS.mesh, None)
+    cfg, params = load_model(FLAGS.ckpt_dir, FLAGS.hf_dir, FLAGS.config, FLAGS.dtype, par)
     if FLAGS.mesh:
-        mesh = parse_mesh(FLAGS.mesh, cfg)  # also checks that the model can be split over it
+        par = parse_mesh(FLAGS.mesh, cfg)  # also checks that the model can be split over it
     tok_path = FLAGS.tokenizer or next((d for d in (FLAGS.hf_dir, FLAGS.ckpt_dir)
                                         if d and os.path.isfile(os.path.join(d, "tokenizer.json"))), None)
     tok = dsjax.Tokenizer.from_file(tok_path) if tok_path else None
@@ -122,7 +125,7 @@ def main(argv):
         print(text, end="", flush=True)
 
     kw = dict(temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k, seed=FLAGS.seed,
-              stop_tokens=stops, mtp=FLAGS.mtp, prefill_chunk=FLAGS.prefill_chunk, mesh=mesh)
+              stop_tokens=stops, mtp=FLAGS.mtp, prefill_chunk=FLAGS.prefill_chunk, parallel=par)
     if FLAGS.warmup:  # same prompt and cache buckets as the real run, so every shape is compiled
         dsjax.generate_with_stats(params, cfg, prompts, max_new_tokens=2, **kw,
                                   max_len=cache_length(max(map(len, prompts)) + FLAGS.max_new_tokens, cfg))

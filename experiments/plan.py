@@ -141,8 +141,8 @@ def build(mode: str, config, mesh, batch: int, seq_len: int, weights: str, remat
 
     def step(p, c, t):
         pos = jnp.broadcast_to(jnp.arange(t.shape[1], dtype=jnp.int32) + (seq_len - t.shape[1]), t.shape)
-        with sharding.parallel(mesh, ep_buffer_bytes=ep_buffer):
-            aux = model.forward_hidden(p, t, config, positions=pos, cache=c)
+        aux = model.forward_hidden(p, t, config, positions=pos, cache=c,
+                                   parallel=sharding.MeshParallelism(mesh, ep_buffer_bytes=ep_buffer))
         logits = model.lm_head(p, aux.hidden[:, -1])
         return sharding.constrain(logits, ("act_batch", "act_vocab"), mesh), aux.cache
 

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from dsjax.attention import Latents, Queries
+from dsjax.latents import Latents, Queries
 from dsjax.config import Config
 from sharding.rules import RULES, logical_to_spec, spec_size
 
@@ -80,14 +80,14 @@ def _smap_call(fn: Callable, mesh: Mesh, args: Sequence[Any], specs: Sequence[An
 
 
 def make_attend(mesh: Mesh, key_order: np.ndarray | None = None) -> Callable[..., jax.Array]:
-    """A hook for `dsjax.attention.attend` that runs it sequence-parallel on `mesh`.
+    """`dsjax.attention.attend` run sequence-parallel on `mesh` (`MeshParallelism.attend` calls it).
 
     key_order: the zig-zag order of the tokens when the sequence was permuted by `zigzag_order`
     (self-attention over those tokens); the gathered keys are restored to natural order before use.
     """
     inverse = None if key_order is None else np.argsort(key_order).astype(np.int32)
 
-    def hook(local_fn: Callable, q: Queries, kv: Latents, config: Config, *, q_positions, k_positions,
+    def attend(local_fn: Callable, q: Queries, kv: Latents, config: Config, *, q_positions, k_positions,
              q_segment_ids=None, k_segment_ids=None) -> jax.Array:
         b, t = q.q_abs.shape[:2]
         s = kv.kv.shape[1]
@@ -121,4 +121,4 @@ def make_attend(mesh: Mesh, key_order: np.ndarray | None = None) -> Callable[...
                  q_tok, k_tok)
         return _smap_call(local, mesh, args, specs, q_spec)
 
-    return hook
+    return attend

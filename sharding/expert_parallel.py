@@ -146,7 +146,8 @@ def _dispatch_local(x, valid, router, bias, experts, *, config: Config, ep: int,
     """Per-device body: route the local tokens (padding rows route nowhere), then run them through the
     exchange in chunks of `chunk` (bounded worst-case buffers), each chunk rematerialised in the backward
     pass so only one chunk's buffers are alive at a time. Returns (f32 [n, D], Routing)."""
-    r = route(x, router, bias, config)
+    with jax.named_scope("moe_route"):
+        r = route(x, router, bias, config)
     ids, combine = jnp.where(valid[:, None], r.experts, -1), r.weights
     w = _local_weights(experts, x.dtype, tp, split)
     run = functools.partial(_exchange, config=config, ep=ep, tp=tp, impl=impl)
@@ -189,7 +190,7 @@ def chunk_tokens(config: Config, ep: int, itemsize: int, buffer_bytes: int = DEF
 
 def make_dispatch(mesh: Mesh, impl: str | None = None,
                   buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> Callable[..., jax.Array]:
-    """The `dsjax.moe.DISPATCH_HOOK` for `mesh`: route + expert-parallel dispatch (installed by sharding.parallel).
+    """Route + expert-parallel dispatch on `mesh` (`MeshParallelism.route_and_dispatch` calls it).
 
     impl: "ragged" | "padded" | "emulated" (default by backend); buffer_bytes bounds the worst-case
     receive buffer: a device's tokens go through the exchange in chunks that fit it.

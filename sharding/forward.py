@@ -1,53 +1,95 @@
-"""Running the model on a mesh.
+"""Running the model on a mesh: `MeshParallelism`, dsjax's `Parallelism` interface on a `jax.sharding.Mesh`.
 
-`parallel(mesh)` is a context manager for use *inside* a traced (jitted) function: while it is active,
-`dsjax.moe` dispatches the routed experts expert-parallel (expert_parallel.make_dispatch) and
-`dsjax.attention.attend` runs sequence-parallel (context_parallel.make_attend); everything else is
-partitioned by XLA (GSPMD) from the params' and inputs' shardings. `forward_with_aux` adds the zig-zag
-token order and the sharding constraints; `sharded_forward` is what `dsjax.forward(..., mesh=mesh)` calls.
+The model receives this value as an argument (`dsjax.forward(..., parallel=p)`, `model.forward_hidden`,
+the train step, `dsjax.generate`): attention runs context-parallel (`context_parallel.make_attend`), the
+routed experts expert-parallel (`expert_parallel.make_dispatch`), intermediates are constrained by the one
+rules table, and arrays are placed by it. Everything else is partitioned by XLA (GSPMD) from the params'
+and inputs' shardings. The value is a frozen dataclass, so it is hashable and jit keys on it: a function
+traced for one layout is never reused for another, or for none.
 
-Training and inference code compose the same pieces: put params with `shard_params` (or restore them into
-`param_shardings`), then inside their jitted step call `sharding.forward_with_aux` (or any dsjax function
-under `with sharding.parallel(mesh):`).
+    p = sharding.MeshParallelism(sharding.make_mesh(expert=8, config=config))
+    logits = dsjax.forward(params, tokens, config, parallel=p)
+
+`forward_with_aux` adds the zig-zag token order of context parallelism; `sharded_forward` is what
+`dsjax.forward(..., parallel=p)` calls. Training and inference code compose the same pieces: place params
+with `shard_params` (or restore them into `param_shardings`), then pass the value to any dsjax function
+inside their jitted step.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import functools
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
-from dsjax import attention, model
-from dsjax import moe as moe_lib
+from dsjax import model
 from dsjax.config import Config
+from dsjax.latents import Latents, Queries
+from dsjax.moe import Routing
+from dsjax.parallel import Parallelism
 from sharding.context_parallel import SEQUENCE_AXIS, make_attend, zigzag_order
-from sharding.expert_parallel import DEFAULT_BUFFER_BYTES, make_dispatch
+from sharding.expert_parallel import DEFAULT_BUFFER_BYTES, IMPLS, make_dispatch
 from sharding.mesh import axis_size, check_mesh
-from sharding.placement import put, shard_params
+from sharding.placement import param_shardings, put, shard_params
 from sharding.rules import LOGITS_AXES, TOKEN_AXES, logical_to_sharding
 
+@dataclasses.dataclass(frozen=True)
+class MeshParallelism(Parallelism):
+    """Expert, context, FSDP, tensor and data parallelism over `mesh` (axes of `rules.MESH_AXES`).
 
-@contextlib.contextmanager
-def parallel(mesh: Mesh, *, key_order: np.ndarray | None = None, ep_impl: str | None = None,
-             ep_buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> Iterator[None]:
-    """While tracing inside this context, MoE layers run expert-parallel and attention context-parallel.
-
-    key_order: set when the tokens were permuted by `context_parallel.zigzag_order` (see forward_with_aux).
-    ep_impl: "ragged" | "padded" | "emulated" (default: by backend, see expert_parallel).
-    ep_buffer_bytes: bound on the expert all-to-all's worst-case receive buffer (tokens go in chunks).
+    ep_impl: the expert all-to-all, "ragged" | "padded" | "emulated" (None: by backend, see expert_parallel).
+    ep_buffer_bytes: bound on the all-to-all's worst-case receive buffer (tokens go in chunks).
+    zigzag: self-attention tokens are in `context_parallel.zigzag_order` (set by `forward_with_aux`, which
+      permutes them); the gathered keys are put back in natural order before the top-k.
     """
-    t1 = moe_lib.DISPATCH_HOOK.set(make_dispatch(mesh, ep_impl, ep_buffer_bytes))
-    t2 = attention.ATTEND_HOOK.set(make_attend(mesh, key_order))
-    try:
-        yield
-    finally:
-        attention.ATTEND_HOOK.reset(t2)
-        moe_lib.DISPATCH_HOOK.reset(t1)
+
+    mesh: Mesh
+    ep_impl: str | None = None
+    ep_buffer_bytes: int = DEFAULT_BUFFER_BYTES
+    zigzag: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.mesh, Mesh):
+            raise TypeError(f"MeshParallelism(mesh=...) takes a jax.sharding.Mesh (sharding.make_mesh), got "
+                            f"{type(self.mesh).__name__}.")
+        if self.ep_impl is not None and self.ep_impl not in IMPLS:
+            raise ValueError(f"ep_impl={self.ep_impl!r}: expected one of {IMPLS} or None.")
+        if self.ep_buffer_bytes < 1:
+            raise ValueError(f"ep_buffer_bytes={self.ep_buffer_bytes} must be positive.")
+
+    # --------------------------------------------------------------------------- the model's calls
+    def attend(self, local: Callable[..., jax.Array], q: Queries, kv: Latents, config: Config, **vis) -> jax.Array:
+        order = zigzag_order(kv.kv.shape[1], axis_size(self.mesh, SEQUENCE_AXIS)) if self.zigzag else None
+        return make_attend(self.mesh, order)(local, q, kv, config, **vis)
+
+    def route_and_dispatch(self, x: jax.Array, p: Any, config: Config) -> tuple[jax.Array, Routing]:
+        return make_dispatch(self.mesh, self.ep_impl, self.ep_buffer_bytes)(x, p, config)
+
+    # --------------------------------------------------------------------------- placement
+    def sharding(self, axes: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
+        return logical_to_sharding(axes, self.mesh, shape)
+
+    def param_shardings(self, config: Config, like: Any = None) -> Any:
+        return param_shardings(config, self.mesh, like)
+
+    def check(self, config: Config) -> None:
+        check_mesh(config, self.mesh)
+
+    def forward(self, params: Any, tokens: Any, config: Config, *, positions: Any = None,
+                segment_ids: Any = None) -> jax.Array:
+        return sharded_forward(params, tokens, config, self, positions=positions, segment_ids=segment_ids)
+
+
+def as_parallelism(layout: Mesh | MeshParallelism, **options: Any) -> MeshParallelism:
+    """A `MeshParallelism` from a mesh (with `options`) or itself (options then replace its fields)."""
+    if isinstance(layout, MeshParallelism):
+        return dataclasses.replace(layout, **options) if options else layout
+    return MeshParallelism(layout, **options)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh) -> jax.Array:
@@ -55,16 +97,18 @@ def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh) -> jax.Array
     return jax.lax.with_sharding_constraint(x, logical_to_sharding(axes, mesh, x.shape))
 
 
-def forward_with_aux(params: Any, tokens: jax.Array, config: Config, mesh: Mesh, *,
+def forward_with_aux(params: Any, tokens: jax.Array, config: Config, layout: Mesh | MeshParallelism, *,
                      positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                     remat: str | None = None, ep_impl: str | None = None,
-                     ep_buffer_bytes: int = DEFAULT_BUFFER_BYTES, zigzag: bool = True) -> tuple[jax.Array, model.Aux]:
-    """`dsjax.forward_with_aux` on `mesh` (traceable; call it inside jit / grad).
+                     remat: str | None = None, zigzag: bool = True, **options: Any) -> tuple[jax.Array, model.Aux]:
+    """`dsjax.forward_with_aux` on a mesh (traceable; call it inside jit / grad).
 
+    layout: a Mesh or a `MeshParallelism` (options: its fields, e.g. ep_impl="padded").
     tokens, positions, segment_ids: int32 [B, L] in natural order. With `sequence` > 1 (and L a multiple
     of 2·sequence) the tokens run in zig-zag order and the outputs are put back in natural order.
     Returns (logits f32 [B, L, V], Aux with hidden [B, L, D] in natural order).
     """
+    par = as_parallelism(layout, **options)
+    mesh = par.mesh
     b, t = tokens.shape
     positions = model.default_positions(tokens) if positions is None else positions.astype(jnp.int32)
     order = zigzag_order(t, axis_size(mesh, SEQUENCE_AXIS)) if zigzag else None
@@ -74,9 +118,8 @@ def forward_with_aux(params: Any, tokens: jax.Array, config: Config, mesh: Mesh,
     tokens, positions = constrain(tokens, TOKEN_AXES, mesh), constrain(positions, TOKEN_AXES, mesh)
     if segment_ids is not None:
         segment_ids = constrain(segment_ids, TOKEN_AXES, mesh)
-    with parallel(mesh, key_order=order, ep_impl=ep_impl, ep_buffer_bytes=ep_buffer_bytes):
-        logits, aux = model.forward_with_aux(params, tokens, config, positions=positions,
-                                             segment_ids=segment_ids, remat=remat)
+    logits, aux = model.forward_with_aux(params, tokens, config, positions=positions, segment_ids=segment_ids,
+                                         remat=remat, parallel=dataclasses.replace(par, zigzag=order is not None))
     if order is not None:
         inverse = np.argsort(order)
         logits = logits[:, inverse]
@@ -84,22 +127,24 @@ def forward_with_aux(params: Any, tokens: jax.Array, config: Config, mesh: Mesh,
     return constrain(logits, LOGITS_AXES, mesh), aux
 
 
-@functools.partial(jax.jit, static_argnames=("config", "mesh", "ep_impl"))
-def _sharded_logits(params, tokens, positions, segment_ids, config, mesh, ep_impl):
-    return forward_with_aux(params, tokens, config, mesh, positions=positions, segment_ids=segment_ids,
-                            ep_impl=ep_impl)[0]
+@functools.partial(jax.jit, static_argnames=("config", "par"))
+def _sharded_logits(params, tokens, positions, segment_ids, config, par):
+    return forward_with_aux(params, tokens, config, par, positions=positions, segment_ids=segment_ids)[0]
 
 
-def sharded_forward(params: Any, tokens: Any, config: Config, mesh: Mesh, *, positions: Any = None,
-                    segment_ids: Any = None, ep_impl: str | None = None) -> jax.Array:
-    """Logits f32 [B, L, V] of tokens int32 [B, L], computed on `mesh` (called by `dsjax.forward(mesh=...)`).
+def sharded_forward(params: Any, tokens: Any, config: Config, layout: Mesh | MeshParallelism, *,
+                    positions: Any = None, segment_ids: Any = None, **options: Any) -> jax.Array:
+    """Logits f32 [B, L, V] of tokens int32 [B, L], computed on a mesh (what `dsjax.forward(parallel=...)`
+    calls). layout: a Mesh or a `MeshParallelism` (options: its fields).
 
     Params not yet placed by the rules are placed first (`shard_params`; a no-op when they are).
     The logits come back sharded: batch over (data, fsdp, expert), length over sequence, vocab over tensor.
     """
+    par = as_parallelism(layout, **options)
+    mesh = par.mesh
     check_mesh(config, mesh)
     params = shard_params(params, config, mesh)
     tokens = jnp.asarray(tokens, jnp.int32) if jax.process_count() == 1 else np.asarray(tokens, np.int32)
     tok = logical_to_sharding(TOKEN_AXES, mesh, tokens.shape)
     place = lambda a: None if a is None else put(a if jax.process_count() > 1 else jnp.asarray(a, jnp.int32), tok)
-    return _sharded_logits(params, put(tokens, tok), place(positions), place(segment_ids), config, mesh, ep_impl)
+    return _sharded_logits(params, put(tokens, tok), place(positions), place(segment_ids), config, par)

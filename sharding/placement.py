@@ -11,7 +11,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dsjax.cache import axes_of
 from dsjax.config import Config
+from dsjax.parallel import put
 from dsjax.params import ParamSpec, param_specs
 from sharding.mesh import check_mesh
 from sharding.rules import logical_to_spec, spec_size
@@ -76,16 +78,6 @@ def param_shardings(config: Config, mesh: Mesh, like: Any = None) -> Any:
     return jax.tree.map(one, specs, like, is_leaf=_is_spec)
 
 
-def put(x: Any, sharding: NamedSharding) -> jax.Array:
-    """Place one array under `sharding`; works across processes (each process passes the same value)."""
-    if jax.process_count() == 1:
-        return jax.device_put(x, sharding)
-    if isinstance(x, jax.Array) and x.sharding == sharding:
-        return x
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-
-
 def shard_params(params: Any, config: Config, mesh: Mesh) -> Any:
     """The params placed on `mesh` by the rules (FP8 leaves included)."""
     shardings = param_shardings(config, mesh, like=params)
@@ -95,8 +87,6 @@ def shard_params(params: Any, config: Config, mesh: Mesh) -> Any:
 def cache_shardings(cache: Any, mesh: Mesh) -> Any:
     """Shardings of a KV cache (`dsjax.cache.init_cache`: latents [L, B, S_max, dim], MTP latents
     [B, S_max, dim], lengths [B]; arrays or shapes), by the logical axes of `dsjax.cache.axes_of`."""
-    from dsjax.cache import axes_of
-
     return jax.tree.map(lambda x, axes: NamedSharding(mesh, logical_to_spec(axes, mesh, x.shape)), cache,
                         axes_of(cache))
 

@@ -100,12 +100,12 @@ FP8_PATHS = [("moe", "moe", "experts", "gate"), ("moe", "moe", "experts", "up"),
 
 
 def fp8_check(params, tokens) -> dict:
-    """FP8-stored weights through the public `dsjax.forward(..., mesh=)` against the same FP8 params on
+    """FP8-stored weights through the public `dsjax.forward(..., parallel=)` against the same FP8 params on
     one device: the rules must place {qweight, scale} leaves and EP must dequantise them per shard."""
     q = to_fp8(params, FP8_PATHS)
     ref = dsjax.forward(q, tokens, CFG)
     mesh = sharding.make_mesh(**LAYOUTS[FP8_LAYOUT], config=CFG)
-    got = dsjax.forward(q, tokens, CFG, mesh=mesh)
+    got = dsjax.forward(q, tokens, CFG, parallel=sharding.MeshParallelism(mesh))
     placed = sharding.shard_params(q, CFG, mesh)
     leaf = _get(placed, FP8_PATHS[0])
     return {"logits_err": float(jnp.max(jnp.abs(got - ref))), "max_logit": float(jnp.max(jnp.abs(ref))),
@@ -134,8 +134,8 @@ def ep_check(params) -> dict:
              "padded_chunked": ("padded", 16 << 10), "ragged": ("ragged", 1 << 29)}
     for name, (impl, buf) in cases.items():
         def f(p, x, impl=impl, buf=buf):
-            with sharding.parallel(mesh, ep_impl=impl, ep_buffer_bytes=buf):
-                return moe.moe(p, x, CFG)[0]
+            par = sharding.MeshParallelism(mesh, ep_impl=impl, ep_buffer_bytes=buf)
+            return moe.moe(p, x, CFG, par)[0]
         if impl == "ragged":
             text = jax.jit(f).lower(p, x).as_text()
             out["ragged_lowered"] = "ragged_all_to_all" in text
@@ -157,7 +157,7 @@ CACHE_LAYOUT = "sequence4_expert2"
 
 def cache_check(params, tokens) -> dict:
     """Prefill of T tokens into a 2T-slot KV cache split over `sequence` (cache_shardings), under
-    `sharding.parallel`: the cached latents are all-gathered per layer; hidden states and the written
+    `sharding.MeshParallelism`: the cached latents are all-gathered per layer; hidden states and the written
     cache must equal one device's."""
     from dsjax import cache as cache_lib
 
@@ -167,8 +167,7 @@ def cache_check(params, tokens) -> dict:
     ref = jax.jit(run)(params, tokens, empty)
 
     def sharded(p, t, c):
-        with sharding.parallel(mesh):
-            return run(p, t, c)
+        return model.forward_hidden(p, t, CFG, cache=c, parallel=sharding.MeshParallelism(mesh))
 
     c_sh = sharding.cache_shardings(empty, mesh)
     got = jax.jit(sharded)(sharding.shard_params(params, CFG, mesh),
@@ -179,6 +178,26 @@ def cache_check(params, tokens) -> dict:
             "cache_err": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(got.cache),
                                                                              jax.tree.leaves(ref.cache))),
             "cache_spec": str(leaf.spec), "max_hidden": float(jnp.max(jnp.abs(ref.hidden)))}
+
+
+def trap_check(params, tokens) -> dict:
+    """One jitted function (the public `forward_with_aux`), first traced without a layout, then called with
+    one: the layout is a static argument, so the second call must trace again and run expert- and
+    context-parallel (the shard_map collectives in its HLO), giving the sharded result."""
+    mesh = sharding.make_mesh(**LAYOUTS[CACHE_LAYOUT], config=CFG)
+    par = sharding.MeshParallelism(mesh)
+    fn = jax.jit(dsjax.forward_with_aux, static_argnames=("config", "parallel"))
+    plain = fn(params, tokens, config=CFG)[0]
+    text_plain = fn.lower(params, tokens, config=CFG).as_text()
+    ps = sharding.shard_params(params, CFG, mesh)
+    tk = sharding.put(tokens, sharding.logical_to_sharding(sharding.TOKEN_AXES, mesh, tokens.shape))
+    got = fn(ps, tk, config=CFG, parallel=par)[0]
+    text = fn.lower(ps, tk, config=CFG, parallel=par).as_text(debug_info=True)
+    return {"err": float(jnp.max(jnp.abs(got - plain))), "max_logit": float(jnp.max(jnp.abs(plain))),
+            "all_to_all": text.count("all_to_all"), "all_gather": text.count("all_gather"),
+            "plain_collectives": text_plain.count("all_to_all") + text_plain.count("all_gather"),
+            "named_scopes": sorted({s for s in ("attention", "moe_dispatch", "moe_route", "sparse_mla",
+                                                "indexer_topk", "lm_head") if f"/{s}" in text})}
 
 
 def main(out_path: str, names: list[str]) -> None:
@@ -226,6 +245,9 @@ def main(out_path: str, names: list[str]) -> None:
         t0 = time.time()
         res["cache"] = cache_check(params, tokens)
         res["timing"]["cache"] = time.time() - t0
+        t0 = time.time()
+        res["trap"] = trap_check(params, tokens)
+        res["timing"]["trap"] = time.time() - t0
     json.dump(res, open(out_path, "w"), indent=1)
 
 

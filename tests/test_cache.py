@@ -9,7 +9,7 @@ import pytest
 import dsjax
 from dsjax import cache as cache_lib
 from dsjax import fp8, indexer, model, params as params_lib
-from dsjax.attention import Latents
+from dsjax.latents import Latents
 from sharding.rules import RULES
 
 V32 = dsjax.Config.preset("deepseek-v3.2")

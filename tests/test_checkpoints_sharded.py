@@ -55,7 +55,7 @@ print("plain sharded leaves:", n)
 
 # mesh only: the sharding package's rules on a dsjax mesh
 dmesh = sharding.make_mesh(fsdp=2, expert=4)
-_, got = checkpoints.load(plain, mesh=dmesh)
+_, got = checkpoints.load(plain, parallel=sharding.MeshParallelism(dmesh))
 assert check(got, ref, sharding.param_shardings(cfg, dmesh)) > 20
 
 # FP8 leaves: shardings derived from the logical leaf's

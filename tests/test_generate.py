@@ -252,7 +252,7 @@ def test_mtp_cache_matches_uncached_mtp(v32):
     ([[1, 2]], {"top_p": 0.0}, "top_p"),
     ([[1, 2]], {"top_k": -2}, "top_k"),
     ([[1, 2]], {"stop_tokens": [999]}, "stop token 999"),
-    ([[1, 2]], {"mesh": object()}, "mesh must be a jax.sharding.Mesh"),
+    ([[1, 2]], {"parallel": object()}, "parallel must be a dsjax.parallel.Parallelism"),
 ])
 def test_bad_input_raises_clear_error(v32, prompts, kw, needle):
     _, cfg, params = v32

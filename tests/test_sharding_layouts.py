@@ -102,3 +102,15 @@ def test_prefill_into_sequence_split_cache(report):
     assert r["cache_spec"] == str(P(None, "expert", "sequence"))
     assert r["hidden_err"] <= 1e-5 * max(1.0, r["max_hidden"])
     assert r["cache_err"] <= 1e-5 * max(1.0, r["max_hidden"])
+
+
+def test_layout_is_an_argument_not_ambient_state(report):
+    """A function traced without a layout and then called with one is traced again for it (the layout is
+    part of the jit key): it runs expert-parallel (all-to-all) and context-parallel (all-gather of the
+    latents), with named scopes in its HLO, and equals the one-device result."""
+    r = report["trap"]
+    assert r["plain_collectives"] == 0
+    assert r["all_to_all"] > 0 and r["all_gather"] > 0, r
+    assert r["err"] <= 1e-5 * max(1.0, r["max_logit"]), r
+    assert r["named_scopes"] == sorted(["attention", "moe_dispatch", "moe_route", "sparse_mla", "indexer_topk",
+                                        "lm_head"]), r["named_scopes"]

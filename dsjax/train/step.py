@@ -16,7 +16,6 @@ of the whole global batch, so accumulating micro-batch gradients gives exactly t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable, Mapping
@@ -27,6 +26,7 @@ import optax
 
 from dsjax import model, mtp as mtp_lib
 from dsjax.config import Config
+from dsjax.parallel import Parallelism
 from dsjax.train import lora as lora_lib
 from dsjax.train.losses import balance_loss, bias_update, head_cross_entropy, load_imbalance, mtp_targets
 from dsjax.train.schedule import OptimConfig, lr_schedule, make_optimizer
@@ -171,29 +171,18 @@ def _commit(x: jax.Array) -> jax.Array:
 
 # ------------------------------------------------------------------------------------------ loss
 def _loss(train: Mapping[str, jax.Array], variables: Mapping[str, Any], mb: Mapping[str, jax.Array],
-          denom: Mapping[str, jax.Array], config: Config, tc: TrainConfig, mesh: Any = None):
-    """Objective of one micro-batch, already divided by the global normalisers -> (loss, (terms, loads))."""
-    with _parallel(mesh):
-        return _loss_body(train, variables, mb, denom, config, tc, 1 if mesh is None else mesh.size)
-
-
-def _parallel(mesh: Any):
-    """On a mesh, run MoE expert-parallel and attention context-parallel (`sharding.parallel`)."""
-    if mesh is None:
-        return contextlib.nullcontext()
-    import sharding  # sharding builds on dsjax: imported on use
-
-    return sharding.parallel(mesh)
-
-
-def _loss_body(train, variables, mb, denom, config: Config, tc: TrainConfig, devices: int = 1):
+          denom: Mapping[str, jax.Array], config: Config, tc: TrainConfig, parallel: Parallelism | None = None):
+    """Objective of one micro-batch, already divided by the global normalisers -> (loss, (terms, loads)).
+    parallel: the run's layout (expert-parallel MoE, context-parallel attention); None = one device."""
+    devices = 1 if parallel is None else parallel.mesh.size
     v = combine(variables, train)
     params = v["params"] if tc.lora is None else lora_lib.apply(v["params"], v["lora"], config, tc.lora)
     tokens, seg, pos = mb["tokens"], mb["segment_ids"], mb["positions"]
     kw = {"indexer_loss": _INDEXER_LOSS[tc.stage]} if tc.stage != "sft" else {}
     # the logits are split over every mesh axis (batch, sequence, vocab over tensor): bound the global chunk
     chunk = None if tc.ce_chunk_bytes is None else tc.ce_chunk_bytes * devices
-    aux = model.forward_hidden(params, tokens, config, positions=pos, segment_ids=seg, remat=tc.remat, **kw)
+    aux = model.forward_hidden(params, tokens, config, positions=pos, segment_ids=seg, remat=tc.remat,
+                               parallel=parallel, **kw)
     ce_sum, _ = head_cross_entropy(aux.hidden, params["lm_head"], mb["targets"], mb["weights"],
                                    chunk_bytes=chunk)
     terms = {"ce": ce_sum / denom["tokens"]}
@@ -206,7 +195,7 @@ def _loss_body(train, variables, mb, denom, config: Config, tc: TrainConfig, dev
     if mtp_ce or mtp_kl:
         next_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
         h, stats, mtp_iloss = mtp_lib.mtp_train_forward(params, aux.hidden, next_tokens, config, positions=pos,
-                                                        segment_ids=seg, **kw)
+                                                        segment_ids=seg, parallel=parallel, **kw)
         if mtp_kl:
             terms["mtp_indexer_kl"] = mtp_iloss / tc.grad_accum
     if mtp_ce:
@@ -236,15 +225,16 @@ def _microbatches(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array
 
 
 def train_step(state: Mapping[str, Any], batch: Mapping[str, jax.Array], *, config: Config,
-               tc: TrainConfig, mesh: Any = None) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-    """One optimizer step over a global batch [B, L] (pure; `compiled_step` jits it)."""
+               tc: TrainConfig, parallel: Parallelism | None = None) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+    """One optimizer step over a global batch [B, L] (pure; `compiled_step` jits it).
+    parallel: the run's layout (`dsjax.parallel`), None = one device."""
     optimizer = make_optimizer(tc.optim)
     variables = {k: state[k] for k in ("params", "lora") if k in state}
     train = trainable(variables, tc)
     denom = {"tokens": jnp.maximum(jnp.sum(batch["weights"]), 1.0)}
     _, w2 = mtp_targets(batch["targets"], batch["weights"], batch["segment_ids"])
     denom["mtp_tokens"] = jnp.maximum(jnp.sum(w2), 1.0)
-    grad_fn = jax.value_and_grad(functools.partial(_loss, config=config, tc=tc, mesh=mesh), has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(_loss, config=config, tc=tc, parallel=parallel), has_aux=True)
     mbs = _microbatches(batch, tc.grad_accum)
 
     def body(acc, mb):
@@ -287,12 +277,13 @@ def _update_biases(params: Mapping[str, Any], loads: Mapping[str, jax.Array], ra
 
 
 @functools.lru_cache(maxsize=16)
-def compiled_step(config: Config, tc: TrainConfig, mesh: Any = None) -> Callable:
-    """The jitted step for (config, tc, mesh), cached so every trainer / test with the same settings shares
-    one compile. The state argument is donated. On a mesh, place the state with `place_state` and the batch
-    with `place_batch`; the new state keeps the input state's shardings."""
-    fn = functools.partial(train_step, config=config, tc=tc, mesh=mesh)
-    if mesh is None:
+def compiled_step(config: Config, tc: TrainConfig, parallel: Parallelism | None = None) -> Callable:
+    """The jitted step for (config, tc, parallel), cached so every trainer / test with the same settings
+    shares one compile. The state argument is donated. With a layout, place the state with
+    `trainer.place_state` and the batch with `trainer.place_batch`; the new state keeps the input state's
+    shardings."""
+    fn = functools.partial(train_step, config=config, tc=tc, parallel=parallel)
+    if parallel is None:
         return jax.jit(fn, donate_argnums=(0,))
     cache: dict[Any, Callable] = {}
 

@@ -20,8 +20,13 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
+import checkpoints
+from checkpoints import export as export_mod
+from dsjax import parallel as parallel_lib
 from dsjax.config import Config
+from dsjax.parallel import Parallelism
 from dsjax.params import init_params
 from dsjax.train import checkpointing as ckpt_lib
 from dsjax.train import data as data_lib
@@ -47,7 +52,7 @@ class RunConfig:
     keep: int = 3
     resume: bool = False
     seed: int = 0
-    mesh: Any = None
+    parallel: Parallelism | None = None  # the layout (e.g. sharding.MeshParallelism(mesh)); None = one device
     export_hf: str | None = None
     progress: bool = True
     time_limit_s: float | None = None  # stop (and save) after the step that crosses this budget (from run())
@@ -68,9 +73,6 @@ class RunResult:
 def _exporter() -> Callable:
     """`export(params, config, out_dir, workdir)`: params -> a dsjax checkpoint (`checkpoints.save`, kept as
     WORKDIR/final_params) -> HF safetensors (`checkpoints.export`)."""
-    import checkpoints
-    from checkpoints import export as export_mod
-
     def export(params: Any, config: Config, out_dir: str, workdir: str) -> str:
         final = os.path.join(workdir, "final_params")
         checkpoints.save(final, params, config, overwrite=True)
@@ -100,28 +102,26 @@ def load_initial(rc: RunConfig) -> tuple[Config, Any]:
         ck.close()
         params = state.get("params")
         if params is None:  # a LoRA run's checkpoint: its frozen base comes from where that run started
-            params = _lora_base(meta, config, rc.mesh)
+            params = _lora_base(meta, config, rc.parallel)
             params = step_lib.combine({"params": params}, {"params": state.get("params_trained", {})})["params"]
         if meta.get("lora"):
             params = lora_lib.merge(params, state["lora"], config, lora_lib.LoraConfig(**meta["lora"]))
         params = jax.tree.map(jnp.asarray, params)
         return config, params
-    import checkpoints
-
     dtype = opts.get("param_dtype")
     if os.path.isfile(os.path.join(path, "config.json")):
         config, params = checkpoints.load_hf(path, dtype=dtype)
     else:  # a converted (or checkpoints.save'd) dsjax checkpoint; CheckpointError says what is wrong otherwise
-        config, params = checkpoints.load(path, mesh=rc.mesh, dtype=dtype)
+        config, params = checkpoints.load(path, parallel=rc.parallel, dtype=dtype)
     return config.replace(**opts), params
 
 
-def _lora_base(meta: Mapping[str, Any], config: Config, mesh: Any) -> Any:
+def _lora_base(meta: Mapping[str, Any], config: Config, parallel: Parallelism | None) -> Any:
     """The base params a LoRA run started from (its checkpoints do not repeat them): its --init_ckpt, or
     the random init of its config and seed."""
     base = RunConfig(train=step_lib.TrainConfig(), data=None, tokenizer=None, steps=1, workdir="",
                      model=config, model_options={"param_dtype": config.param_dtype},
-                     init_ckpt=meta.get("init_ckpt"), seed=meta.get("seed", 0), mesh=mesh)
+                     init_ckpt=meta.get("init_ckpt"), seed=meta.get("seed", 0), parallel=parallel)
     if base.init_ckpt is not None and not os.path.exists(base.init_ckpt):
         raise FileNotFoundError(f"this LoRA checkpoint holds only adapters; its base weights were read from "
                                 f"{base.init_ckpt!r}, which no longer exists. Restore that directory, or export the "
@@ -158,19 +158,16 @@ def _from_saved(state: Mapping[str, Any], saved: Mapping[str, Any], tc: step_lib
 
 
 # --------------------------------------------------------------------------------------------- placement
-def place_state(state: Any, config: Config, mesh: Any) -> Any:
-    """Put the train state on `mesh`: params by the sharding rules, optimizer moments like their params,
+def place_state(state: Any, config: Config, parallel: Parallelism | None) -> Any:
+    """Put the train state on the layout: params by its rules, optimizer moments like their params,
     everything else (step, RNG, counts, LoRA adapters) replicated."""
-    if mesh is None:
+    if parallel is None:
         return state
-    import sharding
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    params = sharding.shard_params(state["params"], config, mesh)
+    params = parallel.place_params(state["params"], config)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     by_path = {tuple(str(k.key) for k in kp): x.sharding for kp, x in flat}
     by_shape = {tuple(str(k.key) for k in kp): x.shape for kp, x in flat}
-    replicated = NamedSharding(mesh, PartitionSpec())
+    replicated = parallel.sharding(())
 
     def one(kp, x):
         # An optimizer moment's path is (opt_state, <optax nesting>, "params", <the param's path>).
@@ -183,16 +180,14 @@ def place_state(state: Any, config: Config, mesh: Any) -> Any:
     return {**jax.tree_util.tree_map_with_path(one, rest), "params": params}
 
 
-def place_batch(batch: Mapping[str, np.ndarray], mesh: Any) -> dict[str, jax.Array]:
-    """Host batch -> device arrays; on a mesh sharded over the data axes (each process gives its rows)."""
-    if mesh is None:
+def place_batch(batch: Mapping[str, np.ndarray], parallel: Parallelism | None) -> dict[str, jax.Array]:
+    """Host batch -> device arrays; on a layout sharded over the data axes (each process gives its rows)."""
+    if parallel is None:
         return {k: jnp.asarray(v) for k, v in batch.items()}
-    import sharding
-
     out = {}
     for k, v in batch.items():
         shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
-        s = sharding.logical_to_sharding(sharding.TOKEN_AXES, mesh, shape)
+        s = parallel.sharding(parallel_lib.TOKENS, shape)
         out[k] = jax.device_put(v, s) if jax.process_count() == 1 else \
             jax.make_array_from_process_local_data(s, v, shape)
     return out
@@ -243,10 +238,7 @@ def validate(config: Config, rc: RunConfig) -> None:
         if os.path.exists(rc.export_hf):
             raise ValueError(f"--export_hf={rc.export_hf!r} already exists; choose a new directory (nothing is "
                              "overwritten).")
-    if rc.mesh is not None:
-        import sharding
-
-        sharding.check_mesh(config, rc.mesh)
+    parallel_lib.check(rc.parallel, config)
 
 
 def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) -> RunResult:
@@ -261,7 +253,7 @@ def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) ->
     tc = rc.train
     adapters = None if tc.lora is None else lora_lib.init(config, tc.lora, jax.random.fold_in(jax.random.key(rc.seed), 1))
     state = step_lib.init_state(params, config, tc, jax.random.fold_in(jax.random.key(rc.seed), 2), adapters)
-    state = place_state(state, config, rc.mesh)
+    state = place_state(state, config, rc.parallel)
     del params, adapters
 
     os.makedirs(rc.workdir, exist_ok=True)
@@ -283,14 +275,12 @@ def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) ->
         state = _from_saved(state, saved, tc)
     start = int(state["step"])
 
-    step_fn = step_lib.compiled_step(config, tc, rc.mesh)
+    step_fn = step_lib.compiled_step(config, tc, rc.parallel)
     writer = metrics_lib.ScalarWriter(paths["tensorboard"]) if jax.process_index() == 0 else None
     log = metrics_lib.MetricsLog(paths["metrics"]) if jax.process_index() == 0 else None
     preempted = stopped = False
     bar = None
     if rc.progress and jax.process_index() == 0:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=rc.steps, initial=start, desc=f"{tc.stage}", unit="step", dynamic_ncols=True)
     try:
         with ckpt_lib.PreemptionGuard() as guard:
@@ -298,7 +288,7 @@ def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) ->
             for step in range(start, rc.steps):
                 host_batch = data_lib.next_batch(it, rc.data)
                 n_tokens = int((host_batch["segment_ids"] > 0).sum()) * jax.process_count()
-                state, m = step_fn(state, place_batch(host_batch, rc.mesh))
+                state, m = step_fn(state, place_batch(host_batch, rc.parallel))
                 scalars = metrics_lib.flatten_metrics(jax.device_get(m))
                 now = time.perf_counter()
                 scalars["tokens_per_s"] = n_tokens / max(now - t_last, 1e-9)
