@@ -80,12 +80,16 @@ class Parallelism(abc.ABC):
 
     def place(self, tree: Any, axes: Any) -> Any:
         """Place a tree of arrays whose logical axes are `axes` (same tree, a tuple of names per leaf)."""
-        return jax.tree.map(lambda a, x: put(x, self.sharding(a, np.shape(x))), axes, tree,
-                            is_leaf=lambda a: isinstance(a, tuple))
+        return jax.tree.map(lambda a, x: put(x, self.sharding(a, np.shape(x))), axes, tree, is_leaf=_is_axes)
 
     def place_params(self, params: Any, config: "Config") -> Any:
         """The params placed by the rules (a no-op for arrays already there)."""
         return jax.tree.map(put, params, self.param_shardings(config, like=params))
+
+
+def _is_axes(a: Any) -> bool:
+    """A leaf of an axes tree: a tuple of axis names (not a NamedTuple of them, such as Latents)."""
+    return isinstance(a, tuple) and all(e is None or isinstance(e, str) for e in a)
 
 
 def put(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:

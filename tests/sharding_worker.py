@@ -192,10 +192,11 @@ def trap_check(params, tokens) -> dict:
     ps = sharding.shard_params(params, CFG, mesh)
     tk = sharding.put(tokens, sharding.logical_to_sharding(sharding.TOKEN_AXES, mesh, tokens.shape))
     got = fn(ps, tk, config=CFG, parallel=par)[0]
-    text = fn.lower(ps, tk, config=CFG, parallel=par).as_text(debug_info=True)
+    text = fn.lower(ps, tk, config=CFG, parallel=par).compile().as_text()  # op_name metadata: the scopes
+    count = lambda t, op: t.count(op) + t.count(op.replace("_", "-"))  # StableHLO or HLO spelling
     return {"err": float(jnp.max(jnp.abs(got - plain))), "max_logit": float(jnp.max(jnp.abs(plain))),
-            "all_to_all": text.count("all_to_all"), "all_gather": text.count("all_gather"),
-            "plain_collectives": text_plain.count("all_to_all") + text_plain.count("all_gather"),
+            "all_to_all": count(text, "all_to_all"), "all_gather": count(text, "all_gather"),
+            "plain_collectives": count(text_plain, "all_to_all") + count(text_plain, "all_gather"),
             "named_scopes": sorted({s for s in ("attention", "moe_dispatch", "moe_route", "sparse_mla",
                                                 "indexer_topk", "lm_head") if f"/{s}" in text})}
 
