@@ -42,8 +42,10 @@ THINK_END = "</think>"
 DSML = "｜DSML｜"  # U+FF5C full-width bars: plain text, not a special token
 SPECIAL_TOKENS = (BOS, EOS, USER, ASSISTANT, THINK_START, THINK_END)
 
-# The tool-use instructions of the official V3.2 encoder (verbatim: the model was trained on this text).
+# The tool-use instructions of the official V3.2 encoder (verbatim, blank lines included: the model was trained on
+# this text; some serving stacks' copies drop the 7 blank lines).
 TOOLS_TEMPLATE = """## Tools
+
 You have access to a set of tools you can use to answer the user's question.
 You can invoke functions by writing a "<{dsml}function_calls>" block like the following as part of your reply to the user:
 <{dsml}function_calls>
@@ -55,15 +57,21 @@ You can invoke functions by writing a "<{dsml}function_calls>" block like the fo
 ...
 </{dsml}invoke>
 </{dsml}function_calls>
+
 String and scalar parameters should be specified as is without any escaping or quotes, while lists and objects should use JSON format. The "string" attribute should be set to "true" for string type parameters and "false" for other types (numbers, booleans, arrays, objects).
+
 If the thinking_mode is enabled, then after function results you should strongly consider outputting a thinking block. Here is an example:
+
 <{dsml}function_calls>
 ...
 </{dsml}function_calls>
+
 <function_results>
 ...
 </function_results>
+
 {think_start}...thinking about results{think_end}
+
 Here are the functions available in JSONSchema format:
 <functions>
 {schemas}

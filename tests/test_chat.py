@@ -55,10 +55,28 @@ def test_tool_calling_episode_keeps_its_reasoning():
         {"role": "tool", "content": "rain"},
     ]
     text = chat.encode_messages(messages, thinking=True)
-    head = f"{B}You are a helpful assistant.\n\n## Tools\nYou have access to a set of tools"
-    assert text.startswith(head)
     schema = json.dumps(TOOL["function"], ensure_ascii=False)
-    assert f"<functions>\n{schema}\n</functions>\n{U}" in text
+    # The official encoder's tools block, line by line (its blank lines included).
+    d = "｜DSML｜"
+    tools_block = "\n".join([
+        "## Tools", "",
+        "You have access to a set of tools you can use to answer the user's question.",
+        f'You can invoke functions by writing a "<{d}function_calls>" block like the following as part of your '
+        "reply to the user:",
+        f"<{d}function_calls>", f'<{d}invoke name="$FUNCTION_NAME">',
+        f'<{d}parameter name="$PARAMETER_NAME" string="true|false">$PARAMETER_VALUE</{d}parameter>', "...",
+        f"</{d}invoke>", f'<{d}invoke name="$FUNCTION_NAME2">', "...", f"</{d}invoke>", f"</{d}function_calls>", "",
+        "String and scalar parameters should be specified as is without any escaping or quotes, while lists and "
+        'objects should use JSON format. The "string" attribute should be set to "true" for string type parameters '
+        'and "false" for other types (numbers, booleans, arrays, objects).', "",
+        "If the thinking_mode is enabled, then after function results you should strongly consider outputting a "
+        "thinking block. Here is an example:", "",
+        f"<{d}function_calls>", "...", f"</{d}function_calls>", "",
+        "<function_results>", "...", "</function_results>", "",
+        "<think>...thinking about results</think>", "",
+        "Here are the functions available in JSONSchema format:", "<functions>", schema, "</functions>", ""])
+    assert text.startswith(f"{B}You are a helpful assistant.\n\n{tools_block}{U}Weather in Paris and Rome?")
+    assert tools_block.count("\n\n") == 7  # the blank lines some serving stacks' copies drop
     tail = (f"{U}Weather in Paris and Rome?{A}<think>Need the tool.</think>"
             "\n\n<｜DSML｜function_calls>\n"
             '<｜DSML｜invoke name="get_weather">\n'
