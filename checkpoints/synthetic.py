@@ -117,3 +117,26 @@ def write(path: str | os.PathLike, config: Config, *, fp8_weights: bool = False,
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     return total
+
+
+def quantize_params(params, config: Config):
+    """The params with every matrix the official checkpoints store in FP8 (spec §7.1) block-quantised in
+    memory, as {qweight [..., in, out] e4m3, scale [..., in/128, out/128]} leaves (what `load` restores from
+    a `--keep_fp8` conversion): FP8 models for tests and benchmarks without writing a checkpoint."""
+    layout = {t.path: ((t.layer is not None) + (t.expert is not None), t.n_in)
+              for _, t, _ in iter_targets(config) if t.quantized}
+    out = _copy_tree(params)
+    for path, (k, n_in) in layout.items():
+        node = out
+        for name in path[:-1]:
+            node = node[name]
+        w = np.asarray(node[path[-1]], np.float32)
+        rows, cols = math.prod(w.shape[k:k + n_in]), math.prod(w.shape[k + n_in:])
+        qs = [fp8.quantize_weight(m) for m in w.reshape(-1, rows, cols)]
+        node[path[-1]] = {"qweight": np.stack([q for q, _ in qs]).reshape(w.shape[:k] + (rows, cols)),
+                          "scale": np.stack([s for _, s in qs]).reshape(w.shape[:k] + qs[0][1].shape)}
+    return out
+
+
+def _copy_tree(tree):
+    return {k: _copy_tree(v) for k, v in tree.items()} if isinstance(tree, dict) else np.asarray(tree)

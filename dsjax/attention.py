@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
-from dsjax import cache as cache_lib, indexer, indexer_loss as indexer_loss_lib
+from dsjax import cache as cache_lib, fp8, indexer, indexer_loss as indexer_loss_lib
 from dsjax.config import Config
 from dsjax.latents import Latents, Queries
-from dsjax.layers import dense, rms_norm, weight
+from dsjax.layers import dense, fp8_linear, is_fp8, rms_norm, weight
 from dsjax.parallel import HEADS, LATENT, Parallelism, constrain
 from dsjax.rope import rope_halfsplit, rope_interleaved
 
@@ -55,15 +55,18 @@ def _project(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array,
     """MLA's own projections -> (queries, latents, the normed query latent cq or None without q_lora)."""
     c = config
     h, dn, dr, r = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank
+    off = c.official_numerics
     if c.q_lora_rank is None:
         cq = None
-        q = dense(x, p["wq"], (c.hidden_size, h, c.qk_head_dim))
+        q = dense(x, p["wq"], (c.hidden_size, h, c.qk_head_dim), official=off)
     else:
-        cq = rms_norm(dense(x, p["wq_a"]), p["q_norm"], c.rms_norm_eps)
-        q = dense(cq, p["wq_b"], (c.q_lora_rank, h, c.qk_head_dim))
+        cq = rms_norm(dense(x, p["wq_a"], official=off), p["q_norm"], c.rms_norm_eps)
+        q = dense(cq, p["wq_b"], (c.q_lora_rank, h, c.qk_head_dim), official=off)
     q_nope, q_pe = q[..., :dn], _rope(q[..., dn:], cos, sin, c)
-    kv = dense(x, p["wkv_a"])
+    kv = dense(x, p["wkv_a"], official=off)
     latent = rms_norm(kv[..., :r], p["kv_norm"], c.rms_norm_eps)
+    if off:  # the FP8 KV-cache precision the official code simulates, before caching and before use (spec §4.6)
+        latent = fp8.fp8_roundtrip(latent.astype(jnp.bfloat16)).astype(latent.dtype)
     k_pe = _rope(kv[..., r:], cos, sin, c)
     w_uk = weight(p["wkv_b"], (r, h, dn + c.v_head_dim), x.dtype)[..., :dn]
     q_abs = jnp.einsum("bthd,rhd->bthr", q_nope, w_uk, preferred_element_type=jnp.float32).astype(x.dtype)
@@ -113,6 +116,8 @@ def output(p: Mapping[str, Any], o_lat: jax.Array, config: Config) -> jax.Array:
     h, dn, r = c.num_attention_heads, c.qk_nope_head_dim, c.kv_lora_rank
     w_uv = weight(p["wkv_b"], (r, h, dn + c.v_head_dim), o_lat.dtype)[..., dn:]
     o = jnp.einsum("bthr,rhv->bthv", o_lat, w_uv, preferred_element_type=jnp.float32).astype(o_lat.dtype)
+    if c.official_numerics and is_fp8(p["wo"]):  # the official wo(o.flatten(2)): an FP8 linear over H·dv
+        return fp8_linear(o.reshape(o.shape[:2] + (h * c.v_head_dim,)), p["wo"])
     wo = weight(p["wo"], (h, c.v_head_dim, c.hidden_size), o.dtype)
     return jnp.einsum("bthv,hvd->btd", o, wo, preferred_element_type=jnp.float32).astype(o.dtype)
 

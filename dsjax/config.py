@@ -159,6 +159,15 @@ class Config:
             if self.indexer_numerics == "official_fp8" and self.index_head_dim & (self.index_head_dim - 1):
                 bad("index_head_dim", "official_fp8 numerics apply a Hadamard transform, which needs "
                     "a power-of-two index_head_dim.")
+        if self.indexer_numerics == "official_fp8" and self.fp8_weight_block:
+            # the official act_quant quantises each FP8 linear's input in whole 128-blocks (one block if shorter)
+            for f, v in (("hidden_size", self.hidden_size), ("q_lora_rank", self.q_lora_rank),
+                         ("kv_lora_rank", self.kv_lora_rank), ("intermediate_size", self.intermediate_size),
+                         ("moe_intermediate_size", self.moe_intermediate_size),
+                         ("v_head_dim", self.num_attention_heads * self.v_head_dim)):
+                if v and v > 128 and v % 128:
+                    bad(f, f"official_fp8 numerics with FP8 weights quantise this linear input ({v}) in blocks of "
+                        "128; it must be a multiple of 128 (or at most 128).")
         if self.dtype not in DTYPES:
             bad("dtype", f"expected one of {DTYPES}.")
         if self.param_dtype not in DTYPES:
@@ -180,6 +189,13 @@ class Config:
                 bad("rope_scaling", "factor and original_max_position_embeddings must be > 0.")
 
     # ------------------------------------------------------------------ derived
+    @property
+    def official_numerics(self) -> bool:
+        """The official inference code's rounding points (`indexer_numerics="official_fp8"`, spec §4.6, §5.3,
+        §6.1, §7.2-7.3): UE8M0 activation quantisation before every FP8 linear, the latent FP8 round trip,
+        bf16 expert gate/up, Hadamard + FP8 indexer in bf16."""
+        return self.indexer_numerics == "official_fp8"
+
     @property
     def has_indexer(self) -> bool:
         """True for V3.2 (DSA); V3 / V3.1 / R1 attend densely."""

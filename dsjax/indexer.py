@@ -64,9 +64,11 @@ def dequantize_index_key(k8: jax.Array, scale: jax.Array, dtype=jnp.bfloat16) ->
 def _official_fp8(x: jax.Array) -> jax.Array:
     """Hadamard, then an FP8 round trip with one UE8M0 scale per vector (the official index numerics).
 
-    x [..., Di] -> dequantised [..., Di] in x.dtype (exactly representable, so no second rounding)."""
-    x = hadamard(x)
-    return dequantize_index_key(*quantize_index_key(x), dtype=x.dtype)
+    The official code runs both on bf16 (the Hadamard output is rounded to bf16 before quantisation), so
+    they do here whatever the compute dtype. x [..., Di] -> dequantised [..., Di] in x.dtype (exactly
+    representable, so no second rounding)."""
+    h = hadamard(x.astype(jnp.bfloat16))
+    return dequantize_index_key(*quantize_index_key(h), dtype=x.dtype)
 
 
 def project(p: Mapping[str, Any], x: jax.Array, cq: jax.Array, cos: jax.Array, sin: jax.Array,
@@ -78,9 +80,10 @@ def project(p: Mapping[str, Any], x: jax.Array, cq: jax.Array, cos: jax.Array, s
     """
     c = config
     hi, di, dr = c.index_n_heads, c.index_head_dim, c.qk_rope_head_dim
-    q = dense(cq, p["wq_b"], (c.q_lora_rank, hi, di))
+    off = c.official_numerics
+    q = dense(cq, p["wq_b"], (c.q_lora_rank, hi, di), official=off)
     q = jnp.concatenate([rope_halfsplit(q[..., :dr], cos, sin), q[..., dr:]], axis=-1)
-    k = layer_norm(dense(x, p["wk"]), p["k_norm_scale"], p["k_norm_bias"], 1e-6)
+    k = layer_norm(dense(x, p["wk"], official=off), p["k_norm_scale"], p["k_norm_bias"], 1e-6)
     k = jnp.concatenate([rope_halfsplit(k[..., :dr], cos, sin), k[..., dr:]], axis=-1)
     w = dense_fp32(x, weight(p["weights_proj"])) * (hi ** -0.5 * di ** -0.5)
     if c.indexer_numerics == "official_fp8":

@@ -61,7 +61,7 @@ def block(p: Params, carry: tuple[jax.Array, jax.Array], cos: jax.Array, sin: ja
         if is_moe:
             f, stats = moe_lib.moe(p["moe"], x, config, parallel)
         else:
-            f, stats = swiglu(x, p["mlp"]), None
+            f, stats = swiglu(x, p["mlp"], config.official_numerics), None
     return (constrain(f, ACTIVATIONS, parallel), resid), stats, cache, iloss
 
 

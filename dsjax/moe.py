@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.config import Config
-from dsjax.layers import dense_fp32, swiglu, weight
+from dsjax.layers import dense_fp32, is_fp8, quantize_activations, swiglu, weight
 from dsjax.parallel import FLAT_TOKENS, Parallelism, constrain
 
 
@@ -75,13 +75,18 @@ def _grouped_matmul_blocked(x: jax.Array, w: jax.Array, group_sizes: jax.Array, 
         rows = blk * block + jnp.arange(block)
         keep = live & (rows >= starts[ex]) & (rows < ends[ex])
         xb = jax.lax.dynamic_slice_in_dim(xp, blk * block, block)
-        yb = jnp.dot(xb, w[ex].astype(x.dtype), preferred_element_type=jnp.float32)
+        yb = jnp.dot(xb, w[ex].astype(x.dtype), preferred_element_type=jnp.float32, precision=_precision(x))
         cur = jax.lax.dynamic_slice_in_dim(out, blk * block, block)
         return jax.lax.dynamic_update_slice_in_dim(out, cur + jnp.where(keep[:, None], yb, 0.0),
                                                    blk * block, 0), None
 
     out, _ = jax.lax.scan(step, jnp.zeros((nb * block, f), jnp.float32), jnp.arange(n_static))
     return out[:m]
+
+
+def _precision(x: jax.Array):
+    """f32 operands (official numerics' dequantised FP8) multiply in true f32, never in bf16 passes."""
+    return jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, config: Config) -> jax.Array:
@@ -91,26 +96,37 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, config: C
         impl = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
     if impl == "blocked":
         return _grouped_matmul_blocked(x, w, group_sizes, config.moe_block_size)
-    return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes, preferred_element_type=jnp.float32)
+    return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes, preferred_element_type=jnp.float32,
+                              precision=_precision(x))
 
 
 @jax.named_scope("experts")
 def experts_ffn(x_sorted: jax.Array, experts: Mapping[str, Any], group_sizes: jax.Array,
-                config: Config, *, out_dtype: Any = None) -> jax.Array:
+                config: Config, *, out_dtype: Any = None, fp8_acts: bool | None = None) -> jax.Array:
     """SwiGLU of every row through its own expert. x_sorted [M, D] -> [M, D] (out_dtype, default x dtype).
 
     Rows past sum(group_sizes) come out as zeros. `out_dtype=float32` keeps the down projection
     unrounded (expert parallelism sums tensor-parallel partial products before rounding).
+    Official numerics (`config.official_numerics`): gate/up outputs are rounded to the compute dtype before
+    the SwiGLU product, as the official `Expert` does, and with FP8 expert weights (`fp8_acts`; default:
+    whether `experts` are FP8 storage, which expert parallelism has already dequantised) the inputs of
+    gate/up and of down are activation-quantised (`layers.quantize_activations`) as the FP8 GEMM does.
     """
     c = config
     d, f = c.hidden_size, c.moe_intermediate_size
-    wg = weight(experts["gate"], (d, f), x_sorted.dtype)
-    wu = weight(experts["up"], (d, f), x_sorted.dtype)
-    wd = weight(experts["down"], (f, d), x_sorted.dtype)
-    g = grouped_matmul(x_sorted, wg, group_sizes, c)
-    u = grouped_matmul(x_sorted, wu, group_sizes, c)
-    z = (jax.nn.silu(g) * u).astype(x_sorted.dtype)
-    return grouped_matmul(z, wd, group_sizes, c).astype(out_dtype or x_sorted.dtype)
+    dt = x_sorted.dtype
+    quant = c.official_numerics and (is_fp8(experts["gate"]) if fp8_acts is None else fp8_acts)
+    wdt = jnp.float32 if quant else dt  # the FP8 GEMM: exact dequantised operands, fp32 products
+    wg = weight(experts["gate"], (d, f), wdt)
+    wu = weight(experts["up"], (d, f), wdt)
+    wd = weight(experts["down"], (f, d), wdt)
+    xin = quantize_activations(x_sorted) if quant else x_sorted
+    g = grouped_matmul(xin, wg, group_sizes, c)
+    u = grouped_matmul(xin, wu, group_sizes, c)
+    if c.official_numerics:  # w1(x), w3(x) are bf16 linears' outputs in the official Expert
+        g, u = g.astype(dt).astype(jnp.float32), u.astype(dt).astype(jnp.float32)
+    z = (jax.nn.silu(g) * u).astype(dt)
+    return grouped_matmul(quantize_activations(z) if quant else z, wd, group_sizes, c).astype(out_dtype or dt)
 
 
 def dispatch(x: jax.Array, r: Routing, experts: Mapping[str, Any], config: Config) -> jax.Array:
@@ -152,7 +168,7 @@ def moe(p: Mapping[str, Any], x: jax.Array, config: Config,
     y = constrain(y, FLAT_TOKENS, parallel)
     if "shared" in p:
         with jax.named_scope("shared_expert"):
-            y = y + swiglu(xf, p["shared"]).astype(jnp.float32)
+            y = y + swiglu(xf, p["shared"], config.official_numerics).astype(jnp.float32)
     e = config.n_routed_experts
     counts = jax.vmap(lambda ids: jnp.bincount(ids, length=e))(r.experts.reshape(b, -1)).astype(jnp.float32)
     norm_scores = (r.scores / jnp.sum(r.scores, axis=-1, keepdims=True)).reshape(b, t, e)

@@ -4,7 +4,10 @@ and tokens, and the DSA attention path against a dense-mask oracle at long L.
     python experiments/bench_forward.py [--config=small] [--batch=2] [--seq_len=512] [--dsa_lengths=4096,16384]
 
 Table 1: tokens/s of a full forward (same config, batch, tokens), and the ratio dsjax / HF.
-Table 2: one attention layer at L = 4K and 16K with index_topk = 2048 and the real head/latent sizes scaled
+Table 2: the official-numerics mode's cost: the same FP8 block-quantised model (bf16 compute) with
+`indexer_numerics="bf16"` (dequantised weights, bf16 matmuls: HF's numerics) and "official_fp8" (UE8M0
+activation quantisation before every FP8 linear, latent FP8 round trip, FP8 indexer), tokens/s and ratio.
+Table 3: one attention layer at L = 4K and 16K with index_topk = 2048 and the real head/latent sizes scaled
 down: DSA (indexer top-k + gathered sparse MLA, O(L·k)) versus the dense-mask attention peers ship
 (scores for all L×L pairs, masked to the same top-k; evaluated in query chunks so it fits in RAM).
 """
@@ -29,6 +32,7 @@ flags.DEFINE_integer("seq_len", 512, "Sequence length of the full-model comparis
 flags.DEFINE_list("dsa_lengths", ["4096", "16384"], "Sequence lengths of the DSA-vs-dense table.")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (best is reported).")
 flags.DEFINE_bool("skip_hf", False, "Skip the HF PyTorch comparison.")
+flags.DEFINE_bool("numerics", True, "Time the official-numerics mode against the bf16 mode (table 2).")
 flags.DEFINE_string("profile", None, "Write a profiler trace of the dsjax forward to this directory and print the "
                     "top named scopes by time.")
 
@@ -83,6 +87,32 @@ def full_model_table(cfg_name, batch, seq_len, repeats, skip_hf, profile_dir=Non
         text = model_lib._forward_jit.lower(params, toks, cfg, None, None).compile().as_text()
         bench_utils.print_profile(f"forward, preset={cfg_name}, batch={batch}, seq_len={seq_len}",
                                   bench_utils.profile_scopes(run, [text], profile_dir))
+
+
+def numerics_table(cfg_name, batch, seq_len, repeats):
+    import jax
+    import numpy as np
+
+    import dsjax
+    from checkpoints.synthetic import quantize_params
+
+    # every FP8 linear input a multiple of the 128-block, as in the real model
+    cfg = dsjax.Config.preset(cfg_name, dtype="bfloat16", param_dtype="bfloat16", fp8_weight_block=128)
+    cfg = cfg.replace(**{f: -(-getattr(cfg, f) // 128) * 128 for f in ("q_lora_rank", "kv_lora_rank",
+                                                                        "intermediate_size", "moe_intermediate_size")})
+    params = jax.tree.map(jax.numpy.asarray, quantize_params(dsjax.init_params(cfg, jax.random.key(0)), cfg))
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq_len))
+    rows = []
+    for mode in ("bf16", "official_fp8"):
+        c = cfg.replace(indexer_numerics=mode)
+        rows.append((mode, _best(lambda: dsjax.forward(params, tokens, c).block_until_ready(), repeats)))
+    n_tok = batch * seq_len
+    print(f"\n## Numerics modes: preset={cfg_name} with FP8 block-quantised weights, bf16 compute, batch={batch}, "
+          f"seq_len={seq_len}")
+    print("| indexer_numerics | time (s) | tokens/s |\n|---|---|---|")
+    for mode, t in rows:
+        print(f"| {mode} | {t:.3f} | {n_tok / t:,.0f} |")
+    print(f"| **official_fp8 / bf16 (time)** | **{rows[1][1] / rows[0][1]:.2f}x** | |")
 
 
 def dsa_table(lengths, repeats):
@@ -145,6 +175,8 @@ def main(argv):
 
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores")
     full_model_table(FLAGS.config, FLAGS.batch, FLAGS.seq_len, FLAGS.repeats, FLAGS.skip_hf, FLAGS.profile)
+    if FLAGS.numerics:
+        numerics_table(FLAGS.config, FLAGS.batch, FLAGS.seq_len, FLAGS.repeats)
     dsa_table([int(x) for x in FLAGS.dsa_lengths], FLAGS.repeats)
 
 

@@ -38,7 +38,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from dsjax import fp8
 from dsjax.config import Config
-from dsjax.layers import weight
+from dsjax.layers import is_fp8, weight
 from dsjax.moe import Routing, experts_ffn, route
 from sharding.mesh import axis_size
 from sharding.rules import RULES, logical_to_spec, spec_size
@@ -86,17 +86,18 @@ def _local_weights(experts: Mapping[str, Any], dtype, tp: int, split: dict[str, 
     return out
 
 
-def _run_experts(rows, ids, w, config: Config, e_loc: int, tp: int, dtype):
-    """Rows [R, D] with local expert ids [R] (e_loc = no expert) -> expert outputs [R, D] (dtype)."""
+def _run_experts(rows, ids, w, config: Config, e_loc: int, tp: int, dtype, fp8_acts: bool):
+    """Rows [R, D] with local expert ids [R] (e_loc = no expert) -> expert outputs [R, D] (dtype).
+    fp8_acts: the experts are stored FP8 (official numerics quantise their inputs; `moe.experts_ffn`)."""
     order = jnp.argsort(ids, stable=True)
     sizes = jnp.bincount(ids, length=e_loc + 1)[:e_loc].astype(jnp.int32)
-    y = experts_ffn(rows[order], w, sizes, config, out_dtype=jnp.float32)
+    y = experts_ffn(rows[order], w, sizes, config, out_dtype=jnp.float32, fp8_acts=fp8_acts)
     if tp > 1:
         y = jax.lax.psum(y, TENSOR_AXIS)
     return jnp.zeros_like(y, dtype).at[order].set(y.astype(dtype))
 
 
-def _exchange(x, ids, combine, w, *, config: Config, ep: int, tp: int, impl: str):
+def _exchange(x, ids, combine, w, *, config: Config, ep: int, tp: int, impl: str, fp8_acts: bool):
     """One chunk on one device: x [n, D], ids [n, k] (-1 = padding token), combine [n, k] -> f32 [n, D]."""
     n, k = ids.shape
     d = x.shape[1]
@@ -117,7 +118,7 @@ def _exchange(x, ids, combine, w, *, config: Config, ep: int, tp: int, impl: str
         send_id = jnp.full((ep, cap), e_loc, jnp.int32).at[dst, rank].set(lid, mode="drop")
         recv = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0, tiled=True)
         recv_id = jax.lax.all_to_all(send_id, EXPERT_AXIS, 0, 0, tiled=True)
-        y = _run_experts(recv.reshape(ep * cap, d), recv_id.reshape(-1), w, config, e_loc, tp, x.dtype)
+        y = _run_experts(recv.reshape(ep * cap, d), recv_id.reshape(-1), w, config, e_loc, tp, x.dtype, fp8_acts)
         back = jax.lax.all_to_all(y.reshape(ep, cap, d), EXPERT_AXIS, 0, 0, tiled=True)
         slots = back.at[dst, rank].get(mode="fill", fill_value=0)
     else:
@@ -134,7 +135,7 @@ def _exchange(x, ids, combine, w, *, config: Config, ep: int, tp: int, impl: str
         recv = a2a(xs, jnp.zeros((buf, d), x.dtype), starts, counts, out_off, recv_sizes, axis_name=EXPERT_AXIS)
         recv_id = a2a(lid[order][:, None], jnp.full((buf, 1), e_loc, jnp.int32), starts, counts, out_off,
                       recv_sizes, axis_name=EXPERT_AXIS)[:, 0]
-        y = _run_experts(recv, recv_id, w, config, e_loc, tp, x.dtype)
+        y = _run_experts(recv, recv_id, w, config, e_loc, tp, x.dtype, fp8_acts)
         back = a2a(y, jnp.zeros((m, d), x.dtype), recv_off, recv_sizes, back_off, counts, axis_name=EXPERT_AXIS)
         slots = jnp.zeros((m, d), x.dtype).at[order].set(back)
         slots = jnp.where(valid[:, None], slots, 0)
@@ -149,8 +150,9 @@ def _dispatch_local(x, valid, router, bias, experts, *, config: Config, ep: int,
     with jax.named_scope("moe_route"):
         r = route(x, router, bias, config)
     ids, combine = jnp.where(valid[:, None], r.experts, -1), r.weights
-    w = _local_weights(experts, x.dtype, tp, split)
-    run = functools.partial(_exchange, config=config, ep=ep, tp=tp, impl=impl)
+    fp8_acts = config.official_numerics and is_fp8(experts["gate"])
+    w = _local_weights(experts, jnp.float32 if fp8_acts else x.dtype, tp, split)  # exact FP8 values in f32
+    run = functools.partial(_exchange, config=config, ep=ep, tp=tp, impl=impl, fp8_acts=fp8_acts)
     n = x.shape[0]
     if n <= chunk:
         return run(x, ids, combine, w), r
@@ -215,6 +217,12 @@ def make_dispatch(mesh: Mesh, impl: str | None = None,
         if pad:
             x = jnp.pad(x, ((0, pad), (0, 0)))
         experts = p["experts"]
+        f_local = config.moe_intermediate_size // tp
+        if config.official_numerics and is_fp8(experts["gate"]) and tp > 1 and f_local % fp8.BLOCK:
+            raise ValueError(f"official numerics quantise the experts' down-projection input in 128-blocks of the "
+                             f"hidden size; moe_intermediate_size={config.moe_intermediate_size} over tensor={tp} "
+                             f"leaves {f_local} per device, not whole blocks. Use a tensor size that keeps "
+                             "multiples of 128, or the bf16 numerics.")
         specs, split = _expert_specs(experts, mesh, config.fp8_weight_block or fp8.BLOCK)
         body = functools.partial(_dispatch_local, config=config, ep=ep, tp=tp, impl=impl, split=split,
                                  chunk=chunk)

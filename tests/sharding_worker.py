@@ -149,6 +149,18 @@ def ep_check(params) -> dict:
             loops = lambda fn: jax.jit(fn).lower(p, x).as_text().count("stablehlo.while")
             out["chunked_extra_loops"] = loops(f) - loops(functools.partial(f, buf=1 << 29))
     out["max_out"] = float(jnp.max(jnp.abs(ref)))
+    # Official numerics with FP8 experts: expert parallelism dequantises its shards, but must still quantise
+    # the experts' inputs (UE8M0) and round gate/up as the local path does.
+    off = CFG.replace(indexer_numerics="official_fp8")
+    q = to_fp8({"moe": {"moe": {"experts": params["moe"]["moe"]["experts"]}}},
+               [("moe", "moe", "experts", n) for n in ("gate", "up", "down")])["moe"]["moe"]["experts"]
+    p8 = {**p, "experts": jax.tree.map(lambda a: a[0], q)}
+    local = jax.jit(lambda p, x: moe.moe(p, x, off)[0])(p8, x)
+    plain = jax.jit(lambda p, x: moe.moe(p, x, CFG)[0])(p8, x)
+    par = sharding.MeshParallelism(sharding.make_mesh(data=2, expert=4, config=CFG), ep_impl="padded")
+    ep = jax.jit(lambda p, x: moe.moe(p, x, off, par)[0])(p8, x)
+    out["official_ep_err"] = float(jnp.max(jnp.abs(ep - local)))
+    out["official_vs_plain"] = float(jnp.max(jnp.abs(plain - local)))
     return out
 
 
