@@ -89,10 +89,28 @@ def attend(q: Queries, kv: Latents, config: Config, *, q_positions: jax.Array, k
     return attend_local(q, kv, config, **kw)
 
 
+def visibility_in_place(anchor: jax.Array, **vis: jax.Array | None) -> dict[str, jax.Array | None]:
+    """The visibility inputs (positions, segment ids) tied to this layer's activations `anchor`.
+
+    An optimization barrier (no compute, no copy) makes them depend on loop-variant data. Without it, JAX's
+    scan partial evaluation (autodiff, remat) sees the causal / segment masks of every attention and indexer
+    query chunk as functions of the layer scan's constants alone and computes them once, outside the loop,
+    stacked into one [n_chunks, B, chunk, L] = L×L bool array. Tied, each chunk evaluates its mask in place
+    from its own positions (tests/test_memory_scaling.py scans the compiled train steps for L² buffers).
+    """
+    names = [k for k, v in vis.items() if v is not None]
+    tied = jax.lax.optimization_barrier((tuple(vis[k] for k in names), anchor))[0]
+    return {**vis, **dict(zip(names, tied))}
+
+
 def attend_local(q: Queries, kv: Latents, config: Config, *, q_positions: jax.Array, k_positions: jax.Array,
                  q_segment_ids: jax.Array | None = None, k_segment_ids: jax.Array | None = None) -> jax.Array:
     """`attend` on arrays that are all on one device (or one shard): indexer top-k, then sparse/dense MLA."""
     c = config
+    v = visibility_in_place(q.q_abs, q_positions=q_positions, k_positions=k_positions,
+                            q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids)
+    q_positions, k_positions, q_segment_ids, k_segment_ids = (
+        v["q_positions"], v["k_positions"], v["q_segment_ids"], v["k_segment_ids"])
     n_keys = kv.kv.shape[1]
     if c.has_indexer and n_keys > c.index_topk:
         with jax.named_scope("indexer_topk"):
@@ -130,8 +148,8 @@ def _attend_with_indexer_loss(q: Queries, kv: Latents, config: Config, mode: str
     attention as in `attend`, KL over the selected keys (all causal keys when they fit in the top-k).
     """
     c = config
-    vis = dict(q_positions=positions, k_positions=positions, q_segment_ids=segment_ids,
-               k_segment_ids=segment_ids)
+    vis = visibility_in_place(q.q_abs, q_positions=positions, k_positions=positions, q_segment_ids=segment_ids,
+                              k_segment_ids=segment_ids)
     ind = (q.index_q, q.index_w, kv.index_k)
     tgt = (q.q_abs, q.q_pe, kv.kv, kv.k_pe)
     if mode == "sparse" and kv.kv.shape[1] > c.index_topk:
