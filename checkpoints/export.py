@@ -29,10 +29,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from checkpoints import cli, orbax_io
+from checkpoints import cli, model_dir, orbax_io
 from checkpoints.hf_names import (SCALE_SUFFIX, fp8_quantization_config, get_spec, hf_shape, hf_table,
                                   row_block_slices, row_blocks, to_hf, transpose)
-from checkpoints.restore import config_from_marker
+from checkpoints.restore import config_from_marker, save
 from checkpoints.safetensors_io import CheckpointError, SafetensorsWriter
 from dsjax import fp8
 from dsjax.config import Config
@@ -176,8 +176,11 @@ def hf_config(config: Config, dtype: np.dtype, fp8_block: int | None) -> dict[st
 def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str | None = None,
            keep_fp8: bool = False, max_shard_mb: int = 4096, overwrite: bool = False, block_bytes: int = 64 << 20,
            threads: int = 2, progress: bool = True) -> list[str]:
-    """Write a dsjax checkpoint as a HF checkpoint directory; returns the safetensors paths written.
+    """Write a dsjax model as a HF checkpoint directory; returns the safetensors paths written.
 
+    ckpt_dir: a converted checkpoint, or a training run (its workdir, checkpoints/ or checkpoints/<step>;
+    LoRA adapters merged), see `checkpoints.model_dir`. A run's params are first saved as a converted
+    checkpoint next to out_dir (removed afterwards), with the run's tokenizer.
     dtype: the large matrices' dtype (default: each tensor's source dtype, as recorded at conversion).
     keep_fp8: write FP8 leaves as e4m3 + weight_scale_inv (default: dequantise them).
     block_bytes: largest block a big 2-D tensor is read and written in; threads: blocks read ahead in
@@ -187,6 +190,13 @@ def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: st
 
     ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
     out = os.path.abspath(os.fspath(out_dir))
+    md = model_dir.resolve(ckpt_dir)
+    if md.kind == "hf":
+        raise CheckpointError(f"{ckpt_dir} is already an HF checkpoint (config.json + safetensors); export takes a "
+                              "converted checkpoint or a training run.")
+    if md.kind == "training":
+        return _export_run(md, out, dtype=dtype, keep_fp8=keep_fp8, max_shard_mb=max_shard_mb, overwrite=overwrite,
+                           block_bytes=block_bytes, threads=threads, progress=progress)
     marker = orbax_io.read_marker(ckpt_dir)
     config = config_from_marker(marker)
     if os.path.exists(out) and not overwrite:
@@ -236,6 +246,24 @@ def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: st
     return paths
 
 
+def _export_run(md: model_dir.ModelDir, out: str, **kw) -> list[str]:
+    """Export a training run's step: its params as a converted checkpoint beside `out`, then that."""
+    if os.path.exists(out) and not kw["overwrite"]:
+        raise CheckpointError(f"{out} already exists; choose another --out_dir, delete it, or pass --overwrite.")
+    src = out + ".source"
+    if os.path.exists(src):
+        shutil.rmtree(src)
+    config, params = model_dir.load(md.path, step=md.step)
+    try:
+        save(src, params, config)
+        if md.tokenizer:
+            os.makedirs(os.path.join(src, orbax_io.ASSETS), exist_ok=True)
+            shutil.copy2(md.tokenizer, os.path.join(src, orbax_io.ASSETS, "tokenizer.json"))
+        return export(src, out, **kw)
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+
+
 def main(argv: list[str]) -> None:
     from absl import flags
 
@@ -253,7 +281,8 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     from absl import app, flags
 
-    flags.DEFINE_string("ckpt_dir", None, "dsjax (Orbax) checkpoint directory.", required=True)
+    flags.DEFINE_string("ckpt_dir", None, "dsjax model: a converted checkpoint or a training run (workdir, "
+                        "checkpoints/ or checkpoints/<step>).", required=True)
     flags.DEFINE_string("out_dir", None, "Output HF checkpoint directory.", required=True)
     flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"],
                       "dtype of the large matrices (default: each tensor's source dtype).")

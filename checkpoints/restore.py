@@ -1,6 +1,6 @@
 """Restore a dsjax Orbax checkpoint straight into its target sharding, and save params as one.
 
-    config, params = checkpoints.load(ckpt_dir, parallel=None, dtype=None)
+    config, params = checkpoints.load(ckpt_dir, parallel=None, dtype=None)   # model_dir.load -> load_converted
     checkpoints.save(ckpt_dir, params, config)
 
 With a layout (`parallel=sharding.MeshParallelism(mesh)`), each array is restored directly into its
@@ -124,9 +124,10 @@ def _check_stored(ckpt_dir: str, abstract: Any) -> None:
                               + "\n  ".join(problems))
 
 
-def load(ckpt_dir: str | os.PathLike, parallel: Parallelism | None = None, dtype: Any = None, *,
-         shardings: Any = None) -> tuple[Config, Any]:
-    """Restore a dsjax checkpoint (from `python -m checkpoints.convert` or `save`) -> (config, params).
+def load_converted(ckpt_dir: str | os.PathLike, parallel: Parallelism | None = None, dtype: Any = None, *,
+                   shardings: Any = None) -> tuple[Config, Any]:
+    """Restore a converted dsjax checkpoint (`python -m checkpoints.convert` or `save`) -> (config, params).
+    `checkpoints.load` (model_dir.py) calls it for that kind of directory.
 
     parallel: a layout (`sharding.MeshParallelism(mesh)`); arrays are restored directly into their shardings
       on it (see module doc).

@@ -321,6 +321,18 @@ class Config:
         kw.update(overrides)
         return cls(**kw)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as plain JSON-able values (what training checkpoints record; `from_dict` inverts it)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Config":
+        """Inverse of `to_dict`."""
+        d = dict(d)
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        return cls(**d)
+
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict for this model (architecture fields only)."""
         d: dict[str, Any] = {

@@ -98,7 +98,8 @@ def parse_mesh(spec: str | None):
 def build_run_config():
     """Flags -> trainer.RunConfig (every flag error raised here, before any compile)."""
     import dsjax
-    from dsjax.train import data, lora, schedule, step, trainer
+    from dsjax import lora
+    from dsjax.train import data, schedule, step, trainer
 
     if FLAGS.config is None and FLAGS.init_ckpt is None:
         raise FlagError("pass --config=PRESET for a new model or --init_ckpt=DIR to start from a checkpoint.")

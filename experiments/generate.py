@@ -6,8 +6,8 @@
     python experiments/generate.py --config=tiny --prompt_ids=0,5,7 --max_new_tokens=16    # random weights
     python experiments/generate.py --flagfile=experiments/configs/generate.flags
 
-Weights: --ckpt_dir (a converted dsjax/Orbax checkpoint, `checkpoints.load`, restored into its shards with
---mesh), --hf_dir (HF safetensors, in memory: small models), or --config (a preset with random weights, for
+Weights: --ckpt_dir (any dsjax model on disk, `checkpoints.load`: a converted checkpoint, restored into its
+shards with --mesh, or a training run's workdir / checkpoints/ / checkpoints/<step>), --hf_dir (HF safetensors, in memory: small models), or --config (a preset with random weights, for
 smoke tests). Prompt: --prompt (raw text, BOS prepended), --chat (one user message in the DeepSeek V3.2 chat
 format, with --system and --thinking), --chat_file (a JSON list of messages), or --prompt_ids. Several
 --prompt / --chat flags make a batch; the first sequence is streamed, the rest printed at the end.
@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("ckpt_dir", None, "Converted Orbax checkpoint directory (checkpoints.load).")
+flags.DEFINE_string("ckpt_dir", None, "A dsjax model: converted checkpoint or training run (workdir, checkpoints/ "
+                    "or checkpoints/<step>); see checkpoints.load.")
 flags.DEFINE_string("hf_dir", None, "HF checkpoint directory (config.json + safetensors).")
 flags.DEFINE_string("config", None, "dsjax preset with random weights (smoke tests), e.g. 'tiny'.")
 flags.DEFINE_string("tokenizer", None, "tokenizer.json or its directory (default: inside --hf_dir/--ckpt_dir).")
@@ -112,6 +113,10 @@ def main(argv):
         par = parse_mesh(FLAGS.mesh, cfg)  # also checks that the model can be split over it
     tok_path = FLAGS.tokenizer or next((d for d in (FLAGS.hf_dir, FLAGS.ckpt_dir)
                                         if d and os.path.isfile(os.path.join(d, "tokenizer.json"))), None)
+    if tok_path is None and FLAGS.ckpt_dir:  # a converted checkpoint's assets, or the tokenizer a run trained with
+        import checkpoints
+
+        tok_path = checkpoints.describe(FLAGS.ckpt_dir).tokenizer
     tok = dsjax.Tokenizer.from_file(tok_path) if tok_path else None
     prompts = build_prompts(tok, prompts=FLAGS.prompt, chats=FLAGS.chat, chat_file=FLAGS.chat_file,
                             system=FLAGS.system, thinking=FLAGS.thinking, prompt_ids=FLAGS.prompt_ids)

@@ -9,7 +9,7 @@ What it does, with the same library code as experiments/finetune.py:
   2. saves Orbax checkpoints (async) and logs TensorBoard scalars as it goes, with a progress bar;
   3. reloads the final checkpoint, samples a continuation of a prompt (`dsjax.generate`), and writes the
      loss-curve PNG;
-  4. prints where everything is.
+  4. prints where everything is, and the exact commands that generate from and export the trained model.
 
 Optional flags: --workdir, --steps, --minutes (wall-clock budget of the whole script), --prompt.
 """
@@ -62,21 +62,26 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     t0 = time.time()
+    if FLAGS.steps < 1:
+        raise app.UsageError(f"--steps={FLAGS.steps}: train for at least 1 step.")
     import jax
 
+    import checkpoints
     from dsjax.train import DataConfig, OptimConfig, RunConfig, TrainConfig, run
-    from dsjax.train import checkpointing, data, trainer
+    from dsjax.train import data, trainer
 
     workdir = FLAGS.workdir or os.path.join("runs", time.strftime("quickstart-%Y%m%d-%H%M%S"))
     config = model_config()
-    tokenizer = data.load_tokenizer(os.path.join(DATA, "kjv_bpe.json"))
+    tok_path = os.path.join(DATA, "kjv_bpe.json")
+    tokenizer = data.load_tokenizer(tok_path)
     rc = RunConfig(
-        model=config, tokenizer=tokenizer, steps=FLAGS.steps, workdir=workdir, save_every=100, keep=2,
+        model=config, tokenizer=tok_path, steps=FLAGS.steps, workdir=workdir, save_every=100, keep=2,
         time_limit_s=FLAGS.minutes * 60 - (time.time() - t0) - 45,  # keep ~45 s to save and sample
         data=DataConfig(paths=(os.path.join(DATA, "kjv_genesis_ruth.txt"),), seq_len=SEQ_LEN, batch_size=BATCH,
                         packing="concat", seed=0),
         train=TrainConfig(stage="sft", remat=None, mtp_weight=0.1,
-                          optim=OptimConfig(learning_rate=3e-3, warmup_steps=30, total_steps=FLAGS.steps,
+                          optim=OptimConfig(learning_rate=3e-3, warmup_steps=min(30, FLAGS.steps - 1),
+                                            total_steps=FLAGS.steps,
                                             min_lr_ratio=0.1, weight_decay=0.01)))
     n_params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(lambda: __import__("dsjax").init_params(
         config, jax.random.key(0)))))
@@ -89,15 +94,17 @@ def main(argv):
           f"({res.step * BATCH * SEQ_LEN / 1e6:.2f}M tokens)" + (" (time budget reached)" if res.stopped_early else ""))
 
     # Reload the saved checkpoint (what a later session would do) and sample from it.
-    ck = checkpointing.TrainCheckpointer(res.paths["checkpoints"])
-    step = ck.latest_step()
-    params = jax.tree.map(jax.numpy.asarray, ck.read_state(step)["params"])
-    ck.close()
+    ckpts = res.paths["checkpoints"]
+    step = checkpoints.describe(ckpts).step
+    _, params = checkpoints.load(ckpts)
     text = sample(params, config, tokenizer, FLAGS.prompt, FLAGS.new_tokens)
     print(f"\nsample from the step-{step} checkpoint (temperature 0.7, top-k 40):\n\n{text}\n")
     print(trainer.summary(res))
     print(f"  {'view with':12s} tensorboard --logdir {res.paths['tensorboard']}")
     print(f"total time {(time.time() - t0) / 60:.1f} min")
+    print("use the model:")
+    print(f"  python experiments/generate.py --ckpt_dir={ckpts} --prompt={FLAGS.prompt!r} --max_new_tokens=64")
+    print(f"  python -m checkpoints.export --ckpt_dir={ckpts} --out_dir={os.path.join(res.paths['workdir'], 'hf')}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import dsjax
-from dsjax.train import lora, schedule, step as step_lib
+from dsjax import lora
+from dsjax.train import schedule, step as step_lib
 
 CFG = dsjax.Config.preset("tiny", index_topk=8)
 

@@ -108,7 +108,8 @@ def test_lora_checkpoints_hold_only_adapters_and_resume_identically(files, finet
     bit-identical and a later run started from them sees the merged model."""
     import jax
 
-    from dsjax.train import checkpointing, lora, trainer
+    from dsjax import lora
+    from dsjax.train import checkpointing, trainer
 
     d = files["dir"]
     base = run_in_process(finetune, flags_for(files, d / "lora_base", 2))

@@ -13,7 +13,7 @@ checkpoints, and the loop shared by experiments/finetune.py and experiments/quic
 
 from dsjax.train.checkpointing import PreemptionGuard, TrainCheckpointer
 from dsjax.train.data import DataConfig, DataError, make_iterator
-from dsjax.train.lora import LoraConfig
+from dsjax.lora import LoraConfig
 from dsjax.train.schedule import OptimConfig, lr_schedule, make_optimizer
 from dsjax.train.step import STAGES, TrainConfig, compiled_step, init_state, train_step
 from dsjax.train.trainer import RunConfig, RunResult, run

@@ -16,8 +16,6 @@ one invisible; leftovers are removed when the next manager opens the directory.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import signal
 import threading
@@ -26,20 +24,7 @@ from typing import Any, Mapping
 import jax
 import orbax.checkpoint as ocp
 
-from dsjax.config import Config, RopeScaling
-
 ITEMS = ("state", "data", "meta")
-
-
-def config_to_dict(config: Config) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-def config_from_dict(d: Mapping[str, Any]) -> Config:
-    d = dict(d)
-    if d.get("rope_scaling") is not None:
-        d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-    return Config(**d)
 
 
 class TrainCheckpointer:
@@ -106,20 +91,6 @@ class TrainCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def latest_train_step(path: str) -> int | None:
-    """The newest finished step of a TrainCheckpointer directory (None when it holds none), read from the
-    directory names alone: unfinished saves live under temporary names, and nothing is touched."""
-    if not os.path.isdir(path):
-        return None
-    steps = [int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n, "state"))]
-    return max(steps, default=None)
-
-
-def is_train_checkpoint(path: str) -> bool:
-    """True when `path` is a TrainCheckpointer directory holding at least one finished step."""
-    return latest_train_step(path) is not None
 
 
 class PreemptionGuard:

@@ -27,7 +27,7 @@ import optax
 from dsjax import model, mtp as mtp_lib
 from dsjax.config import Config
 from dsjax.parallel import Parallelism
-from dsjax.train import lora as lora_lib
+from dsjax import lora as lora_lib
 from dsjax.train.losses import balance_loss, bias_update, head_cross_entropy, load_imbalance, mtp_targets
 from dsjax.train.schedule import OptimConfig, lr_schedule, make_optimizer
 

@@ -30,7 +30,7 @@ from dsjax.parallel import Parallelism
 from dsjax.params import init_params
 from dsjax.train import checkpointing as ckpt_lib
 from dsjax.train import data as data_lib
-from dsjax.train import lora as lora_lib
+from dsjax import lora as lora_lib
 from dsjax.train import metrics as metrics_lib
 from dsjax.train import step as step_lib
 
@@ -92,47 +92,10 @@ def load_initial(rc: RunConfig) -> tuple[Config, Any]:
             raise ValueError("give a model config (--config=tiny, ...) or a checkpoint (--init_ckpt=DIR).")
         config = rc.model.replace(**opts) if opts else rc.model
         return config, init_params(config, jax.random.key(rc.seed))
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--init_ckpt={path!r} does not exist.")
-    if ckpt_lib.is_train_checkpoint(path):  # e.g. stage 2 starting from the indexer warm-up
-        ck = ckpt_lib.TrainCheckpointer(path)
-        meta = ck.read_meta()
-        config = ckpt_lib.config_from_dict(meta["config"]).replace(**opts)
-        state = ck.read_state()
-        ck.close()
-        params = state.get("params")
-        if params is None:  # a LoRA run's checkpoint: its frozen base comes from where that run started
-            params = _lora_base(meta, config, rc.parallel)
-            params = step_lib.combine({"params": params}, {"params": state.get("params_trained", {})})["params"]
-        if meta.get("lora"):
-            params = lora_lib.merge(params, state["lora"], config, lora_lib.LoraConfig(**meta["lora"]))
-        params = jax.tree.map(jnp.asarray, params)
-        return config, params
-    dtype = opts.get("param_dtype")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        config, params = checkpoints.load_hf(path, dtype=dtype)
-    else:  # a converted (or checkpoints.save'd) dsjax checkpoint; CheckpointError says what is wrong otherwise
-        config, params = checkpoints.load(path, parallel=rc.parallel, dtype=dtype)
+    # a training run (e.g. stage 2 starting from the indexer warm-up; LoRA adapters merged), a converted
+    # checkpoint or an HF directory: checkpoints.load tells them apart, and says what it found otherwise
+    config, params = checkpoints.load(path, parallel=rc.parallel, dtype=opts.get("param_dtype"))
     return config.replace(**opts), params
-
-
-def _lora_base(meta: Mapping[str, Any], config: Config, parallel: Parallelism | None) -> Any:
-    """The base params a LoRA run started from (its checkpoints do not repeat them): its --init_ckpt, or
-    the random init of its config and seed."""
-    base = RunConfig(train=step_lib.TrainConfig(), data=None, tokenizer=None, steps=1, workdir="",
-                     model=config, model_options={"param_dtype": config.param_dtype},
-                     init_ckpt=meta.get("init_ckpt"), seed=meta.get("seed", 0), parallel=parallel)
-    if base.init_ckpt is not None and not os.path.exists(base.init_ckpt):
-        raise FileNotFoundError(f"this LoRA checkpoint holds only adapters; its base weights were read from "
-                                f"{base.init_ckpt!r}, which no longer exists. Restore that directory, or export the "
-                                "merged model from the run that wrote it (--export_hf).")
-    step = None if base.init_ckpt is None else ckpt_lib.latest_train_step(base.init_ckpt)
-    if step != meta.get("init_step"):
-        raise ValueError(f"this LoRA checkpoint's base is step {meta.get('init_step')} of the training run "
-                         f"{base.init_ckpt!r}, which has since moved to step {step}; its adapters belong to the "
-                         "older base. Export the merged model from the LoRA run's own workdir before continuing "
-                         "the base run, or start a new LoRA run.")
-    return load_initial(base)[1]
 
 
 def _to_save(state: Mapping[str, Any], tc: step_lib.TrainConfig) -> dict[str, Any]:
@@ -197,13 +160,13 @@ def place_batch(batch: Mapping[str, np.ndarray], parallel: Parallelism | None) -
 def _meta(config: Config, rc: RunConfig) -> dict[str, Any]:
     tc = rc.train
     train = dataclasses.asdict(tc)
-    return {"config": ckpt_lib.config_to_dict(config), "stage": tc.stage, "train": train,
+    return {"config": config.to_dict(), "stage": tc.stage, "train": train,
             "lora": train["lora"], "seq_len": rc.data.seq_len, "batch_size": rc.data.batch_size,
             "data_seed": rc.data.seed, "packing": rc.data.packing,
-            "tokenizer": rc.tokenizer if isinstance(rc.tokenizer, str) else None,
+            "tokenizer": os.path.abspath(rc.tokenizer) if isinstance(rc.tokenizer, str) else None,
             # where the base params came from: a LoRA run's checkpoints reload them from here
             "init_ckpt": None if rc.init_ckpt is None else os.path.abspath(rc.init_ckpt), "seed": rc.seed,
-            "init_step": None if rc.init_ckpt is None else ckpt_lib.latest_train_step(rc.init_ckpt)}
+            "init_step": None if rc.init_ckpt is None else checkpoints.describe(rc.init_ckpt).step}
 
 
 def _check_resume(meta: Mapping[str, Any], now: Mapping[str, Any], directory: str) -> None:
