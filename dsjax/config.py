@@ -136,6 +136,12 @@ class Config:
                 f"topk_group={self.topk_group} groups; lower it or raise topk_group.")
         if self.n_shared_experts < 0:
             bad("n_shared_experts", "must be >= 0.")
+        if not (isinstance(self.routed_scaling_factor, (int, float)) and self.routed_scaling_factor > 0):
+            bad("routed_scaling_factor", "must be a positive number (it scales the routed experts' output).")
+        for f in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, f)
+            if v is not None and not 0 <= v < self.vocab_size:
+                bad(f, f"must be a token id in [0, vocab_size={self.vocab_size}) or None.")
         if self.scoring_func != "sigmoid":
             bad("scoring_func", "only the V3-family 'sigmoid' router is supported.")
         if self.hidden_act != "silu":

@@ -104,7 +104,7 @@ def build_run_config():
     if FLAGS.config is None and FLAGS.init_ckpt is None:
         raise FlagError("pass --config=PRESET for a new model or --init_ckpt=DIR to start from a checkpoint.")
     model = None
-    if FLAGS.init_ckpt is None:
+    if FLAGS.config is not None:  # with --init_ckpt: must agree with the checkpoint's (checked on load)
         try:
             model = dsjax.Config.preset(FLAGS.config)
         except ValueError as e:

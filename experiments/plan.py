@@ -170,6 +170,9 @@ def main(argv):
     import sharding
 
     cfg = dsjax.Config.preset(FLAGS.config)
+    if FLAGS.seq_len > cfg.max_position_embeddings:
+        raise app.UsageError(f"--seq_len={FLAGS.seq_len} exceeds {FLAGS.config}'s max_position_embeddings="
+                             f"{cfg.max_position_embeddings}: the model cannot be run there, so it is not planned.")
     if FLAGS.weights == "fp8":
         if FLAGS.mode == "train":
             raise app.UsageError("--weights=fp8 is for serving (prefill / decode); train keeps bf16 weights.")

@@ -72,6 +72,9 @@ def test_to_hf_round_trip():
     ("indexer_numerics", "fp4", "indexer_numerics"),
     ("hidden_size", -1, "hidden_size"),
     ("attention_backend", "cuda", "attention_backend"),
+    ("routed_scaling_factor", -2.5, "routed_scaling_factor"),
+    ("eos_token_id", 129280, "eos_token_id"),  # == vocab_size of the 671B preset: not a token id
+    ("bos_token_id", -1, "bos_token_id"),
 ])
 def test_invalid_values_name_the_field(field, value, needle):
     with pytest.raises(ValueError, match=rf"Config\.{needle}"):

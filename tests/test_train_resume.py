@@ -91,8 +91,17 @@ def test_stop_and_resume_is_bit_identical(files, finetune, preempted):
         run_in_process(finetune, flags_for(files, files["dir"] / "split", 6))
     with pytest.raises(ValueError, match="different settings.*learning_rate"):
         run_in_process(finetune, flags_for(files, files["dir"] / "split", 6, "--resume", "--lr=1e-3"))
+    other = write_text_corpus(str(files["dir"] / "other.txt"), 80, seed=3)  # another data file: refused
+    with pytest.raises(ValueError, match=r"different settings \(data: .*other\.txt"):
+        run_in_process(finetune, [a for a in flags_for(files, files["dir"] / "split", 6, "--resume")
+                                  if not a.startswith("--data=")] + [f"--data={other}"])
+    with pytest.raises(ValueError, match="holds no checkpoint to resume"):  # e.g. a mistyped --workdir
+        run_in_process(finetune, flags_for(files, files["dir"] / "splt", 6, "--resume"))
     resumed = run_in_process(finetune, flags_for(files, files["dir"] / "split", 6, "--resume"))
     assert resumed.step == 6 and full.step == 6
+    with pytest.raises(ValueError, match=r"is not the one of --init_ckpt.*vocab_size: 1024 \(given\)"):
+        run_in_process(finetune, flags_for(files, files["dir"] / "from_full", 1,
+                                           f"--init_ckpt={files['dir'] / 'full'}", "--vocab_size=1024"))
     a, b = losses(full.rows), losses(resumed.rows)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert a == b  # exact float equality, every step (1-3 from the first segment, 4-6 resumed)

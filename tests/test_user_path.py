@@ -85,3 +85,10 @@ def test_every_kind_of_model_directory_resolves(quickstart, tmp_path):
 def test_bad_model_directories_give_one_clear_error(tmp_path, make, needle):
     with pytest.raises(checkpoints.CheckpointError, match=needle):
         checkpoints.load(make(tmp_path))
+
+
+def test_plan_refuses_lengths_beyond_the_model():
+    proc = subprocess.run([sys.executable, "experiments/plan.py", "--config=tiny", "--mesh=fsdp=1", "--seq_len=4096"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "exceeds tiny's max_position_embeddings=2048" in proc.stderr, proc.stderr[-2000:]

@@ -12,6 +12,7 @@ before returning. At the end it writes WORKDIR/loss_curve.png and, if asked, exp
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -95,7 +96,15 @@ def load_initial(rc: RunConfig) -> tuple[Config, Any]:
     # a training run (e.g. stage 2 starting from the indexer warm-up; LoRA adapters merged), a converted
     # checkpoint or an HF directory: checkpoints.load tells them apart, and says what it found otherwise
     config, params = checkpoints.load(path, parallel=rc.parallel, dtype=opts.get("param_dtype"))
-    return config.replace(**opts), params
+    config = config.replace(**opts)
+    if rc.model is not None:  # --config / --vocab_size given too: they must describe the checkpoint's model
+        want, got = rc.model.replace(**opts).to_hf(), config.to_hf()
+        diff = [f"{k}: {want[k]!r} (given) vs {got.get(k)!r} (checkpoint)" for k in want if want[k] != got.get(k)]
+        if diff:
+            raise ValueError(f"the model config given (--config / --vocab_size) is not the one of --init_ckpt={path} "
+                             f"({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}); drop them: the checkpoint "
+                             "decides the architecture.")
+    return config, params
 
 
 def _to_save(state: Mapping[str, Any], tc: step_lib.TrainConfig) -> dict[str, Any]:
@@ -157,12 +166,28 @@ def place_batch(batch: Mapping[str, np.ndarray], parallel: Parallelism | None) -
 
 
 # --------------------------------------------------------------------------------------------- run
+def data_fingerprint(paths: Any) -> list[dict[str, Any]]:
+    """Path, size and a content hash (first and last MiB) of each data file: a resumed run must read the
+    same data, or its data position means nothing."""
+    out = []
+    for p in paths:
+        size = os.path.getsize(p)
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            h.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(size - (1 << 20))
+                h.update(f.read())
+        out.append({"path": os.path.abspath(p), "size": size, "sha256_ends": h.hexdigest()})
+    return out
+
+
 def _meta(config: Config, rc: RunConfig) -> dict[str, Any]:
     tc = rc.train
     train = dataclasses.asdict(tc)
     return {"config": config.to_dict(), "stage": tc.stage, "train": train,
             "lora": train["lora"], "seq_len": rc.data.seq_len, "batch_size": rc.data.batch_size,
-            "data_seed": rc.data.seed, "packing": rc.data.packing,
+            "data_seed": rc.data.seed, "packing": rc.data.packing, "data": data_fingerprint(rc.data.paths),
             "tokenizer": os.path.abspath(rc.tokenizer) if isinstance(rc.tokenizer, str) else None,
             # where the base params came from: a LoRA run's checkpoints reload them from here
             "init_ckpt": None if rc.init_ckpt is None else os.path.abspath(rc.init_ckpt), "seed": rc.seed,
@@ -174,6 +199,9 @@ def _check_resume(meta: Mapping[str, Any], now: Mapping[str, Any], directory: st
     keys = ("seq_len", "batch_size", "data_seed", "packing") + (("init_ckpt", "init_step", "seed") if now["lora"]
                                                                  else ())
     diff = [f"{k}: {meta.get(k)!r} -> {now[k]!r}" for k in keys if meta.get(k) != now[k]]
+    if "data" in meta and meta["data"] != now["data"]:  # (checkpoints from before it was recorded: not checked)
+        old, new = ([f"{d['path']} ({d['size']} B)" for d in m] for m in (meta["data"], now["data"]))
+        diff.append(f"data: {old} -> {new}" if old != new else "data: the files' contents changed")
     for part in ("train", "config"):
         old, new = meta.get(part, {}), json.loads(json.dumps(now[part]))  # tuples -> lists, as stored
         diff += [f"{part}.{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
@@ -228,6 +256,10 @@ def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) ->
     ck = ckpt_lib.TrainCheckpointer(paths["checkpoints"], save_every=rc.save_every, keep=rc.keep)
     meta = _meta(config, rc)
     latest = ck.latest_step()
+    if latest is None and rc.resume:
+        ck.close()
+        raise ValueError(f"--resume: {paths['checkpoints']} holds no checkpoint to resume (a mistyped --workdir?); "
+                         "drop --resume to start a new run there.")
     if latest is not None and not rc.resume:
         ck.close()
         raise ValueError(f"{paths['checkpoints']} already holds checkpoints (up to step {latest}); pass --resume to "
