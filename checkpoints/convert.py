@@ -21,15 +21,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from checkpoints import cli, orbax_io
 from checkpoints.hf_load import check_checkpoint, read_config, read_matrix, read_scale
-from checkpoints.hf_names import (Target, block_shape, get_spec, hf_shape, leaf_paths, matrix_shape,
-                                  row_block_slices, row_blocks, transpose)
-from checkpoints.safetensors_io import CheckpointError, CheckpointReader
+from checkpoints.hf_names import (SCALE_SUFFIX, Target, block_shape, get_spec, hf_shape, leaf_paths,
+                                  matrix_shape, row_block_slices, row_blocks, transpose)
+from checkpoints.safetensors_io import CheckpointError, CheckpointReader, check_finite
 from dsjax import fp8
 from dsjax.config import Config
 from dsjax.params import ParamSpec, param_dtype, param_specs
@@ -65,9 +65,9 @@ def _mem_per_elem(src: np.dtype, dst: np.dtype, dequantise: bool) -> int:
     return src.itemsize + (4 if src != dst else 0) + 2 * dst.itemsize
 
 
-def _plain_leaf(reader: CheckpointReader, leaf: _Leaf, config: Config, dtype: np.dtype, block_bytes: int
-                ) -> orbax_io.StreamedArray:
-    """A leaf in its logical shape and `dtype` (FP8 sources dequantised)."""
+def _plain_leaf(reader: CheckpointReader, leaf: _Leaf, config: Config, dtype: np.dtype, block_bytes: int,
+                check: Callable[[str, np.ndarray], np.ndarray]) -> orbax_io.StreamedArray:
+    """A leaf in its logical shape and `dtype` (FP8 sources dequantised); `check` vets each block."""
     spec = leaf.spec
     t0 = leaf.entries[0][1]
     m = matrix_shape(spec, t0)
@@ -88,12 +88,13 @@ def _plain_leaf(reader: CheckpointReader, leaf: _Leaf, config: Config, dtype: np
             blocks.append(orbax_io.Block(
                 key=_block_key(name, idx, rows),
                 index=idx + row_block_slices(spec, t, rows),
-                produce=lambda n=hf_name, t=t, r=rows: read_matrix(reader, n, t, spec, config, dtype, rows=r),
+                produce=lambda n=hf_name, t=t, r=rows: check(n, read_matrix(reader, n, t, spec, config, dtype, rows=r)),
                 out_bytes=math.prod(out) * dtype.itemsize))
     return orbax_io.StreamedArray(spec.shape, dtype, write_shape, blocks)
 
 
-def _fp8_leaf(reader: CheckpointReader, leaf: _Leaf, config: Config, block_bytes: int) -> dict[str, Any]:
+def _fp8_leaf(reader: CheckpointReader, leaf: _Leaf, config: Config, block_bytes: int,
+              check: Callable[[str, np.ndarray], np.ndarray]) -> dict[str, Any]:
     """A leaf kept in FP8: {"qweight": e4m3 [*stack, in, out], "scale": f32 [*stack, in/b, out/b]}."""
     spec = leaf.spec
     t0 = leaf.entries[0][1]
@@ -113,12 +114,12 @@ def _fp8_leaf(reader: CheckpointReader, leaf: _Leaf, config: Config, block_bytes
             nr = n_out if rows is None else rows[1] - rows[0]
             q_blocks.append(orbax_io.Block(
                 key=_block_key(name + ".qweight", idx, rows), index=idx + qb(rows),
-                produce=lambda n=hf_name, r=rows: transpose(reader.read(n, r)),
+                produce=lambda n=hf_name, r=rows: check(n, transpose(reader.read(n, r))),
                 out_bytes=nr * n_in))
             ns = -(-n_in // blk) * -(-nr // blk)
             s_blocks.append(orbax_io.Block(
                 key=_block_key(name + ".scale", idx, rows), index=idx + sb(rows),
-                produce=lambda n=hf_name, r=rows: transpose(read_scale(reader, n, config, r)),
+                produce=lambda n=hf_name, r=rows: check(n + SCALE_SUFFIX, transpose(read_scale(reader, n, config, r))),
                 out_bytes=4 * ns))
     one = (1,) * len(stack)
     return {
@@ -137,12 +138,14 @@ def _same_tensor(reader: CheckpointReader, a: str, b: str, block_bytes: int) -> 
     return all(np.array_equal(reader.read(a, r), reader.read(b, r)) for r in rows)
 
 
-def plan(reader: CheckpointReader, config: Config, *, keep_fp8: bool = False, block_bytes: int = 64 << 20
-         ) -> tuple[dict[str, Any], dict[str, Any]]:
+def plan(reader: CheckpointReader, config: Config, *, keep_fp8: bool = False, block_bytes: int = 64 << 20,
+         allow_nonfinite: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """(tree of StreamedArray, marker fields) converting `reader` into the params layout of `config`.
 
-    Validates the checkpoint first (CheckpointError listing every bad key).
+    Validates the checkpoint first (CheckpointError listing every bad key); each block read is refused when it
+    holds NaN / Inf (unless allow_nonfinite).
     """
+    check = (lambda n, a: a) if allow_nonfinite else (lambda n, a: check_finite(n, a, "in the HF checkpoint"))
     checked = check_checkpoint(reader, config)
     specs = param_specs(config)
     by_path: dict[tuple[str, ...], list[tuple[str, Target]]] = {}
@@ -167,13 +170,13 @@ def plan(reader: CheckpointReader, config: Config, *, keep_fp8: bool = False, bl
                 raise CheckpointError(f"--keep_fp8 needs {fp8.BLOCK}x{fp8.BLOCK} scale blocks (what "
                                       f"dsjax.layers.weight dequantises); this checkpoint uses {blk}. "
                                       "Convert without --keep_fp8.")
-            value: Any = _fp8_leaf(reader, leaf, config, block_bytes)
+            value: Any = _fp8_leaf(reader, leaf, config, block_bytes, check)
             fp8_leaves.append(name)
             hf_dtypes[name] = _E4M3.name
         else:
             if keep_fp8 and _E4M3 in srcs:
                 orbax_io.log.warning("%s mixes FP8 and other dtypes across layers; dequantising it", name)
-            value = _plain_leaf(reader, leaf, config, dt, block_bytes)
+            value = _plain_leaf(reader, leaf, config, dt, block_bytes, check)
             # export writes a tensor back in its source dtype (dequantised FP8: the converted dtype)
             hf_dtypes[name] = dt.name if _E4M3 in srcs else max(srcs, key=lambda d: d.itemsize).name
         node = tree
@@ -198,7 +201,8 @@ def _assets(hf_dir: str) -> list[str]:
 
 def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: Any = "bfloat16", keep_fp8: bool = False,
             overwrite: bool = False, threads: int = 2, inflight_mb: int = 512, chunk_mb: int = 8,
-            compress: bool = True, block_bytes: int | None = None, progress: bool = True) -> Config:
+            compress: bool = True, block_bytes: int | None = None, progress: bool = True,
+            allow_nonfinite: bool = False) -> Config:
     """Convert a HF DeepSeek V3 / V3.2 checkpoint directory into a dsjax Orbax checkpoint at `out_dir`.
 
     dtype: storage dtype of the large matrices (norms, router, bias and indexer weights stay fp32).
@@ -207,6 +211,7 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: Any
     threads / inflight_mb / chunk_mb: reader threads, in-flight memory budget, zarr chunk target size.
     compress: zstd-compress the chunks (Orbax's default; ~3x slower writes on few cores, ~10% smaller).
     block_bytes: largest block a big 2-D tensor is read in (default inflight/4).
+    allow_nonfinite: write tensors holding NaN / Inf (default: a CheckpointError naming the tensor).
     Returns the model Config. Raises CheckpointError (one message listing every problem) on bad input.
     """
     hf_dir = os.path.abspath(os.fspath(hf_dir))
@@ -220,7 +225,7 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: Any
         raise CheckpointError(f"{hf_dir}/config.json: {e}") from None
     inflight = inflight_mb << 20
     block_bytes = block_bytes or max(1 << 20, inflight // 4)
-    tree, marker = plan(reader, config, keep_fp8=keep_fp8, block_bytes=block_bytes)
+    tree, marker = plan(reader, config, keep_fp8=keep_fp8, block_bytes=block_bytes, allow_nonfinite=allow_nonfinite)
     if keep_fp8 and not marker["fp8_leaves"]:
         orbax_io.log.warning("--keep_fp8: %s holds no FP8 weights; nothing to keep", hf_dir)
     marker = dict(marker, source=hf_dir, written_by="checkpoints.convert")
@@ -242,7 +247,8 @@ def main(argv: list[str]) -> None:
 
     def job() -> str:
         convert(f.hf_dir, f.out_dir, dtype=f.dtype, keep_fp8=f.keep_fp8, overwrite=f.overwrite, threads=f.threads,
-                inflight_mb=f.inflight_mb, chunk_mb=f.chunk_mb, compress=f.compress)
+                inflight_mb=f.inflight_mb, chunk_mb=f.chunk_mb, compress=f.compress,
+                allow_nonfinite=f.allow_nonfinite)
         return f"wrote {os.path.abspath(f.out_dir)}"
 
     cli.run("convert", job)
@@ -260,6 +266,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("inflight_mb", 512, "Host memory budget for blocks being read or written.")
     flags.DEFINE_bool("compress", True, "zstd-compress chunks (Orbax's default).")
     flags.DEFINE_integer("chunk_mb", 8, "Target zarr chunk size (smaller: sharded restores read less).")
+    flags.DEFINE_bool("allow_nonfinite", False, "Convert tensors holding NaN / Inf (default: refuse them).")
 
 
 if __name__ == "__main__":

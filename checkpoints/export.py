@@ -33,7 +33,7 @@ from checkpoints import cli, model_dir, orbax_io
 from checkpoints.hf_names import (SCALE_SUFFIX, fp8_quantization_config, get_spec, hf_shape, hf_table,
                                   row_block_slices, row_blocks, to_hf, transpose)
 from checkpoints.restore import config_from_marker, save
-from checkpoints.safetensors_io import CheckpointError, SafetensorsWriter
+from checkpoints.safetensors_io import CheckpointError, SafetensorsWriter, check_finite
 from dsjax import fp8
 from dsjax.config import Config
 from dsjax.params import param_dtype, param_specs
@@ -175,7 +175,7 @@ def hf_config(config: Config, dtype: np.dtype, fp8_block: int | None) -> dict[st
 
 def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str | None = None,
            keep_fp8: bool = False, max_shard_mb: int = 4096, overwrite: bool = False, block_bytes: int = 64 << 20,
-           threads: int = 2, progress: bool = True) -> list[str]:
+           threads: int = 2, progress: bool = True, allow_nonfinite: bool = False) -> list[str]:
     """Write a dsjax model as a HF checkpoint directory; returns the safetensors paths written.
 
     ckpt_dir: a converted checkpoint, or a training run (its workdir, checkpoints/ or checkpoints/<step>;
@@ -185,6 +185,8 @@ def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: st
     keep_fp8: write FP8 leaves as e4m3 + weight_scale_inv (default: dequantise them).
     block_bytes: largest block a big 2-D tensor is read and written in; threads: blocks read ahead in
     parallel (host memory ~ 2 * threads * block_bytes).
+    allow_nonfinite: export tensors holding NaN / Inf (default: a CheckpointError naming the tensor; the
+    unfinished output is discarded by the next export).
     """
     from tqdm.auto import tqdm
 
@@ -196,7 +198,8 @@ def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: st
                               "converted checkpoint or a training run.")
     if md.kind == "training":
         return _export_run(md, out, dtype=dtype, keep_fp8=keep_fp8, max_shard_mb=max_shard_mb, overwrite=overwrite,
-                           block_bytes=block_bytes, threads=threads, progress=progress)
+                           block_bytes=block_bytes, threads=threads, progress=progress,
+                           allow_nonfinite=allow_nonfinite)
     marker = orbax_io.read_marker(ckpt_dir)
     config = config_from_marker(marker)
     if os.path.exists(out) and not overwrite:
@@ -223,7 +226,7 @@ def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: st
             names = [e.name for e in shard for _ in e.blocks]
             with SafetensorsWriter(os.path.join(part, fname), [(e.name, e.dtype, e.shape) for e in shard]) as w:
                 for name, block in zip(names, _prefetched((f for e in shard for f in e.blocks), pool, 2 * threads)):
-                    w.write(name, block)
+                    w.write(name, block if allow_nonfinite else check_finite(name, block, f"in {ckpt_dir}"))
                     bar.update(block.nbytes)
             weight_map.update({e.name: fname for e in shard})
             paths.append(os.path.join(out, fname))
@@ -272,7 +275,7 @@ def main(argv: list[str]) -> None:
 
     def job() -> str:
         paths = export(f.ckpt_dir, f.out_dir, dtype=f.dtype, keep_fp8=f.keep_fp8, max_shard_mb=f.max_shard_mb,
-                       overwrite=f.overwrite, threads=f.threads)
+                       overwrite=f.overwrite, threads=f.threads, allow_nonfinite=f.allow_nonfinite)
         return f"wrote {len(paths)} shards to {os.path.abspath(f.out_dir)}"
 
     cli.run("export", job)
@@ -290,4 +293,5 @@ if __name__ == "__main__":
     flags.DEFINE_integer("max_shard_mb", 4096, "Largest safetensors shard.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing --out_dir.")
     flags.DEFINE_integer("threads", 2, "Blocks read ahead in parallel.")
+    flags.DEFINE_bool("allow_nonfinite", False, "Export tensors holding NaN / Inf (default: refuse them).")
     app.run(main)

@@ -32,6 +32,18 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read as asked: names the file/keys and what to do."""
 
 
+def check_finite(name: str, block: np.ndarray, where: str) -> np.ndarray:
+    """`block` if every value is finite; else a CheckpointError naming the tensor (convert and export refuse
+    NaN / Inf weights unless asked for, so a broken model is never published as a valid checkpoint)."""
+    a = np.asarray(block)
+    if a.dtype.kind == "f" or a.dtype.name.startswith(("bfloat16", "float8")):
+        bad = ~np.isfinite(a.astype(np.float32) if a.dtype.itemsize < 4 else a)
+        if bad.any():
+            raise CheckpointError(f"{name} holds {int(bad.sum())} NaN/Inf values ({where}); fix the weights, or pass "
+                                  "--allow_nonfinite to write them anyway.")
+    return block
+
+
 class SafetensorsFile:
     """One .safetensors file, header parsed and validated on open; tensors read on demand."""
 

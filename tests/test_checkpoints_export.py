@@ -105,3 +105,21 @@ def test_save_then_export(hf_v3, tmp_path):
     with pytest.raises(checkpoints.CheckpointError, match="dtypes differ"):
         checkpoints.save(tmp_path / "other", params, cfg.replace(param_dtype="bfloat16"))
     assert not (tmp_path / "other").exists()
+
+
+def test_nonfinite_weights_are_refused_at_export_and_convert(tmp_path):
+    """A NaN in one weight: export names the tensor and publishes nothing; convert refuses an HF checkpoint
+    holding it; --allow_nonfinite writes it anyway."""
+    import dsjax
+
+    cfg = dsjax.Config.preset("tiny")
+    params = jax.tree.map(np.array, dsjax.init_params(cfg, jax.random.key(0)))  # writable host copies
+    params["moe"]["attn"]["wo"][1, 0, 0, 0] = np.nan
+    checkpoints.save(tmp_path / "ckpt", params, cfg)
+    with pytest.raises(checkpoints.CheckpointError, match=r"model\.layers\.3\.self_attn\.o_proj\.weight holds 1 NaN"):
+        export.export(tmp_path / "ckpt", tmp_path / "hf", progress=False)
+    assert not (tmp_path / "hf").exists()
+    export.export(tmp_path / "ckpt", tmp_path / "hf", progress=False, allow_nonfinite=True)
+    with pytest.raises(checkpoints.CheckpointError, match=r"o_proj\.weight holds 1 NaN/Inf values \(in the HF"):
+        convert.convert(tmp_path / "hf", tmp_path / "back", progress=False)
+    assert not (tmp_path / "back").exists()
