@@ -2,9 +2,13 @@
 
 Backends: "xla" (`reference.py`, chunked einsums; the oracle), "pallas_tpu" (`indexer_tpu.py`, Mosaic)
 and "pallas_gpu" (`indexer_gpu.py`, Triton). The kernels compute the fused scores; top-k runs on each
-query chunk's [B, T_chunk, S] scores right after the kernel, so peak memory is O(T_chunk · S):
-`lax.approx_max_k(recall_target=1.0)` on TPU (an exact top-k there, and faster than `lax.top_k` per
-tpu-inference), `lax.top_k` elsewhere. Slots whose score is -inf (fewer visible keys than k) get -1.
+query chunk's [B, T_chunk, S] scores right after the kernel, so peak memory is O(T_chunk · S).
+
+Ties: exact score ties at the k-th place are common (ReLU gives exact zeros, FP8 gives quantised scores), so
+the selection follows one rule on every backend: higher score first, and among equal scores the lower key
+index (`lax.top_k`'s documented order). Rollouts and training, or a TPU server and a CPU test, then select
+the same keys. (`lax.approx_max_k(recall_target=1.0)`, exact and faster on TPU, leaves the order of ties
+unspecified, so it is not used.) Slots whose score is -inf (fewer visible keys than k) get -1.
 """
 
 from __future__ import annotations
@@ -31,14 +35,8 @@ def _kernel_chunk_fn(backend: str, interpret):
 
 
 def _topk_fn(backend: str, topk: int):
-    if backend != "pallas_tpu":
-        return lambda sc: reference.topk_indices(sc, topk)
-
-    def approx(sc):
-        vals, idx = jax.lax.approx_max_k(sc, topk, recall_target=1.0)
-        return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
-
-    return approx
+    del backend  # one tie-break rule on every backend (module docstring)
+    return lambda sc: reference.topk_indices(sc, topk)
 
 
 def indexer_scores(q, w, k, *, q_positions, k_positions=None, q_segment_ids=None, k_segment_ids=None,
@@ -71,7 +69,7 @@ def indexer_topk(q, w, k, *, topk: int, q_positions, k_positions=None, q_segment
     beyond the visible keys. Works over query chunks: peak memory O(T_chunk · S), never O(T · S).
 
     Arguments as `indexer_scores`; chunk_size = query rows per chunk (default: sized to a 128 MiB
-    working set). The result is a set: ties at the k-th score may resolve differently per backend.
+    working set). Ties at the k-th score go to the lower key index on every backend.
     """
     b = resolve_backend(backend, IMPLEMENTED)
     if b == "xla":

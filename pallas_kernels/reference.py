@@ -265,7 +265,8 @@ def indexer_scores(q, w, k, *, q_positions, k_positions=None, q_segment_ids=None
 def topk_indices(scores: jax.Array, topk: int) -> jax.Array:
     """Top-k key indices of f32 scores [..., S] -> int32 [..., K]; slots whose score is -inf become -1.
 
-    Ties resolve to the lower index (lax.top_k); callers treat the result as a set.
+    Ties resolve to the lower index (lax.top_k), the one tie-break rule of every backend
+    (`pallas_kernels.indexer`).
     """
     vals, idx = jax.lax.top_k(scores, topk)
     return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
