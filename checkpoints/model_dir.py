@@ -161,8 +161,6 @@ def _lora_base(meta: Mapping[str, Any], config: Config) -> Any:
                               f"{init!r}, which has since moved to step {base.step}; its adapters belong to the "
                               "older base. Export the merged model from the LoRA run's own workdir before continuing "
                               "the base run, or start a new LoRA run.")
-    if base.kind == "training" and meta.get("init_step") is not None:
-        base = dataclasses.replace(base, step=meta["init_step"])
     return load(base.path, step=base.step, dtype=config.param_dtype)[1]
 
 

@@ -13,7 +13,6 @@ unspecified, so it is not used.) Slots whose score is -inf (fewer visible keys t
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels import indexer_gpu, indexer_tpu, reference

@@ -13,7 +13,7 @@ import pytest
 import dsjax
 import official_reference as ref
 from checkpoints.synthetic import quantize_params
-from dsjax import attention, fp8, indexer, layers, moe
+from dsjax import attention, indexer, layers, moe
 from dsjax.rope import cos_sin
 
 # Dims of at least two 128-blocks where the official kernels block (hidden, latents, wo input); 16 indexer
