@@ -119,7 +119,8 @@ def attend_local(q: Queries, kv: Latents, config: Config, *, q_positions: jax.Ar
                                  k_segment_ids=k_segment_ids)
         with jax.named_scope("sparse_mla"):
             return pallas_kernels.sparse_mla(q.q_abs, q.q_pe, kv.kv, kv.k_pe, idx, scale=c.softmax_scale,
-                                             backend=c.attention_backend, interpret=c.kernel_interpret)
+                                             backend=c.attention_backend, interpret=c.kernel_interpret,
+                                             prefix_valid=True)
     with jax.named_scope("dense_mla"):
         return pallas_kernels.dense_mla(q.q_abs, q.q_pe, kv.kv, kv.k_pe, scale=c.softmax_scale,
                                         q_positions=q_positions, k_positions=k_positions,
@@ -158,7 +159,7 @@ def _attend_with_indexer_loss(q: Queries, kv: Latents, config: Config, mode: str
         with jax.named_scope("sparse_mla"):
             o_lat, lse = pallas_kernels.sparse_mla_with_lse(*tgt, idx, scale=c.softmax_scale,
                                                             backend=c.attention_backend,
-                                                            interpret=c.kernel_interpret)
+                                                            interpret=c.kernel_interpret, prefix_valid=True)
         with jax.named_scope("indexer_kl"):
             return o_lat, indexer_loss_lib.sparse_kl(*ind, *tgt, idx, lse=lse, scale=c.softmax_scale)
     with jax.named_scope("dense_mla"):

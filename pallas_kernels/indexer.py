@@ -64,8 +64,9 @@ def indexer_scores(q, w, k, *, q_positions, k_positions=None, q_segment_ids=None
 
 def indexer_topk(q, w, k, *, topk: int, q_positions, k_positions=None, q_segment_ids=None, k_segment_ids=None,
                  backend: str | None = None, interpret=False, chunk_size: int | None = None):
-    """Indices of the top-`topk` indexer scores per query -> int32 [B, T, min(topk, S)]; -1 fills the slots
-    beyond the visible keys. Works over query chunks: peak memory O(T_chunk · S), never O(T · S).
+    """Indices of the top-`topk` indexer scores per query -> int32 [B, T, min(topk, S)], best first; -1 fills
+    the slots beyond the visible keys (so the valid slots always come first: `sparse_mla(prefix_valid=True)`).
+    Works over query chunks: peak memory O(T_chunk · S), never O(T · S).
 
     Arguments as `indexer_scores`; chunk_size = query rows per chunk (default: sized to a 128 MiB
     working set). Ties at the k-th score go to the lower key index on every backend.

@@ -82,7 +82,7 @@ def indexer_scores_tpu(q, w, k, qpos, kpos, qseg, kseg, *, block_q: int = 8, blo
     """
     b, t, hi, di = q.shape
     s_len = k.shape[1]
-    bq = block_q
+    bq = block_q if t >= block_q else t  # decode (T < 8): a block of the whole T, not T padded to 8
     bs = min(block_k, _round_up(s_len, 128))
     tp, sp = _round_up(t, bq), _round_up(s_len, bs)
     pad_t, pad_s = ((0, 0), (0, tp - t)), ((0, 0), (0, sp - s_len))
@@ -121,6 +121,10 @@ def indexer_scores_tpu(q, w, k, qpos, kpos, qseg, kseg, *, block_q: int = 8, blo
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((b, tp, sp), F32),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        # every tile counted (causal skipping roughly halves a prefill's); keys re-read per query block
+        cost_estimate=pl.CostEstimate(
+            flops=2 * b * tp * hi * di * sp, transcendentals=0,
+            bytes_accessed=b * (tp * hi * (di * q.dtype.itemsize + 4) + nq * sp * di * k.dtype.itemsize + tp * sp * 4)),
         interpret=interpret,
         name="dsjax_indexer_scores",
     )(nblk, q, w, k, qpos[..., None], kpos[:, None, :], qseg[..., None], kseg[:, None, :])

@@ -1,7 +1,8 @@
 """Dispatch of the MLA attention ops (sparse DSA gather, and dense causal).
 
 `sparse_mla` / `sparse_mla_with_lse` run one of three implementations of the same op:
-  * "pallas_tpu": `sparse_mla_tpu` (Mosaic: one token x all heads per grid step, DMA row gathers);
+  * "pallas_tpu": `sparse_mla_tpu` (Mosaic: one token x all heads per grid step, one DMA per selected
+    row of the packed latent cache `latent_pack`; bf16 compute with f32 accumulation);
   * "pallas_gpu": `sparse_mla_gpu` (Triton: heads as the matmul M dimension, pointer gathers; split-K
     over the top-k list when the grid is small, e.g. decode with T = 1);
   * "xla": `reference.sparse_mla_with_lse` (chunked gather scan; the CPU path and the oracle).
@@ -45,21 +46,29 @@ def _check_shapes(q_nope, q_rope, kv_nope, k_rope, indices) -> None:
             f"q_rope {q_rope.shape}, kv_nope {kv_nope.shape}, k_rope {k_rope.shape}, indices {indices.shape}.")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _kernel_sparse_mla(qn, qr, kvn, kr, idx, scale, backend, interpret):
-    return _KERNELS[backend].forward(qn, qr, kvn, kr, idx, scale=scale, interpret=interpret)
+def _kernel_kw(backend, interpret, prefix_valid):
+    kw = dict(interpret=interpret)
+    if backend == "pallas_tpu":  # the TPU kernel finds a row's valid slots by bisection when they come first
+        kw["prefix_valid"] = prefix_valid
+    return kw
 
 
-def _kernel_fwd(qn, qr, kvn, kr, idx, scale, backend, interpret):
-    out, lse = _KERNELS[backend].forward(qn, qr, kvn, kr, idx, scale=scale, interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _kernel_sparse_mla(qn, qr, kvn, kr, idx, scale, backend, interpret, prefix_valid):
+    return _KERNELS[backend].forward(qn, qr, kvn, kr, idx, scale=scale,
+                                     **_kernel_kw(backend, interpret, prefix_valid))
+
+
+def _kernel_fwd(qn, qr, kvn, kr, idx, scale, backend, interpret, prefix_valid):
+    out, lse = _kernel_sparse_mla(qn, qr, kvn, kr, idx, scale, backend, interpret, prefix_valid)
     return (out, lse), (qn, qr, kvn, kr, idx, out, lse)
 
 
-def _kernel_bwd(scale, backend, interpret, res, cot):
+def _kernel_bwd(scale, backend, interpret, prefix_valid, res, cot):
     qn, qr, kvn, kr, idx, out, lse = res
     dout, dlse = cot
     grads = _KERNELS[backend].backward(qn, qr, kvn, kr, idx, out, lse, dout, dlse, scale=scale,
-                                       interpret=interpret)
+                                       **_kernel_kw(backend, interpret, prefix_valid))
     return (*grads, None)
 
 
@@ -67,7 +76,7 @@ _kernel_sparse_mla.defvjp(_kernel_fwd, _kernel_bwd)
 
 
 def sparse_mla_with_lse(q_nope, q_rope, kv_nope, k_rope, indices, *, scale: float, backend: str | None = None,
-                        interpret=False, chunk_size: int | None = None):
+                        interpret=False, chunk_size: int | None = None, prefix_valid: bool = False):
     """Sparse MLA returning (out [B,T,H,Dc], lse f32 [B,T,H], +inf for a query without valid slots).
 
     See `sparse_mla`. Both outputs are differentiable (the indexer KL loss reads the lse).
@@ -77,11 +86,12 @@ def sparse_mla_with_lse(q_nope, q_rope, kv_nope, k_rope, indices, *, scale: floa
     if b == "xla":
         return reference.sparse_mla_with_lse(q_nope, q_rope, kv_nope, k_rope, indices, scale=scale,
                                              chunk_size=chunk_size)
-    return _kernel_sparse_mla(q_nope, q_rope, kv_nope, k_rope, indices, float(scale), b, interpret)
+    return _kernel_sparse_mla(q_nope, q_rope, kv_nope, k_rope, indices, float(scale), b, interpret,
+                              bool(prefix_valid))
 
 
 def sparse_mla(q_nope, q_rope, kv_nope, k_rope, indices, *, scale: float, backend: str | None = None,
-               interpret=False, chunk_size: int | None = None):
+               interpret=False, chunk_size: int | None = None, prefix_valid: bool = False):
     """Sparse MQA attention of DSA over the latent cache.
 
     Args:
@@ -96,12 +106,14 @@ def sparse_mla(q_nope, q_rope, kv_nope, k_rope, indices, *, scale: float, backen
       interpret: run a Pallas kernel in interpret mode (CPU tests): True, or a `pltpu.InterpretParams`
         for the TPU kernel.
       chunk_size: query rows per step of the XLA path (ignored by the kernels).
+      prefix_valid: promise that every row lists its valid slots first (as `indexer_topk` returns them);
+        the TPU kernel then skips compacting the rows (a sort over [B, T, K]).
     Returns:
       [B, T, H, Dc]: softmax over the valid slots applied to kv_nope; zeros for a query with no valid slot.
       Decode is the same call with T = 1 (per-sequence lengths show up as -1 slots).
     """
     return sparse_mla_with_lse(q_nope, q_rope, kv_nope, k_rope, indices, scale=scale, backend=backend,
-                               interpret=interpret, chunk_size=chunk_size)[0]
+                               interpret=interpret, chunk_size=chunk_size, prefix_valid=prefix_valid)[0]
 
 
 def dense_mla(q_nope, q_rope, kv_nope, k_rope, *, scale: float, q_positions=None, k_positions=None,

@@ -1,0 +1,64 @@
+"""The TPU kernels through the real compilers: libtpu's Mosaic and XLA:TPU on compile-only topologies.
+
+`experiments/tpu_compile.py` compiles every TPU kernel path (sparse MLA forward, gradient and decode over the
+stacked packed cache; indexer scores and top-k, prefill and decode) for v5e, v5p and v6e in bf16, at the real
+V3.2 shapes and at the exact shapes and block sizes of the interpret-mode numerics tests. It fails on a compile
+error, on a relayout copy of a cache-shaped buffer in the post-layout HLO, on a kernel output padded more than
+2x by its layout, and on decode temp memory above 10% of one layer's cache. Canary programs that commit each
+fault show the check can fail. It needs libtpu installed apart from the main environment, as the README's
+test command does (`pip install --no-deps --target .libtpu "libtpu==0.0.42.*"`); about 30 s per generation.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "experiments", "tpu_compile.py")
+LIBTPU = os.environ.get("DSJAX_LIBTPU_DIR", os.path.join(REPO, ".libtpu"))
+
+
+def _run(tmp_path, *flags, timeout=900):
+    if not os.path.isdir(os.path.join(LIBTPU, "libtpu")):
+        pytest.fail(f"libtpu is not installed in {LIBTPU}: run the README's test command (it installs it with "
+                    f"`pip install --no-deps --target .libtpu \"libtpu==0.0.42.*\"`).")
+    out = tmp_path / "result.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    proc = subprocess.run([sys.executable, SCRIPT, f"--json={out}", *flags], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+    print(proc.stdout)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
+def test_every_tpu_kernel_compiles_for_v5e_v5p_v6e(tmp_path):
+    proc, res = _run(tmp_path, "--generations=v5e,v5p,v6e", "--shapes=real,test")
+    failed = {f"{g} {n}": r.get("problems") or r.get("error") for g, rs in res.items() for n, r in rs.items()
+              if not r["ok"]}
+    assert not failed, failed
+    assert proc.returncode == 0
+    for gen, rs in res.items():
+        names = " | ".join(rs)
+        for kernel in ("sparse_mla fwd", "sparse_mla grad", "sparse_mla decode", "indexer_topk prefill",
+                       "indexer_topk decode", "indexer_scores", "t: fwd", "t: grad", "t: bwd", "t: decode",
+                       "t: race", "t: model", "t: indexer"):
+            assert kernel in names, (gen, kernel)
+        # the layer scan's decode reads the stacked cache in place: no temp near one layer's cache
+        dec = rs["sparse_mla decode B64 S8K L4"]
+        assert dec["temp_bytes"] < dec["cache_bytes"] // 100, dec
+        # the compiled cost is the kernel's: 2·H·K·(Dc + Dr + Dc) FLOPs per token (FlashMLA's count)
+        fwd = rs["sparse_mla fwd   B1 T256 S8K"]
+        assert abs(fwd["flops"] / fwd["tokens"] - 2 * 128 * 2048 * (512 + 64 + 512)) < 0.02 * 5.7e8, fwd
+
+
+def test_the_check_rejects_known_bad_kernels(tmp_path):
+    """A one-row DMA into bf16 VMEM (the old kernels' layout) fails Mosaic; a [S, 288] cache is relaid out."""
+    proc, res = _run(tmp_path, "--generations=v5e", "--shapes=canary", timeout=300)
+    assert proc.returncode == 1
+    r = res["v5e"]
+    assert not r["canary: bf16 one-row DMA"]["ok"] and "aligned to tiles" in r["canary: bf16 one-row DMA"]["error"]
+    relayout = r["canary: 288-wide cache relayout"]
+    assert not relayout["ok"] and any("relayout copy: copy u32[4096, 288]" in p for p in relayout["problems"])
