@@ -91,13 +91,16 @@ def _precision(x: jax.Array):
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, config: Config) -> jax.Array:
     """Rows of x [M, D] (sorted by group) times their group's w [E, D, F] -> f32 [M, F]."""
-    impl = config.moe_impl
-    if impl == "auto":
-        impl = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
-    if impl == "blocked":
+    def blocked(x, w, group_sizes):
         return _grouped_matmul_blocked(x, w, group_sizes, config.moe_block_size)
-    return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes, preferred_element_type=jnp.float32,
-                              precision=_precision(x))
+
+    def ragged(x, w, group_sizes):
+        return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes, preferred_element_type=jnp.float32,
+                                  precision=_precision(x))
+
+    if config.moe_impl == "auto":  # by the platform the program is lowered for (an AOT TPU compile from CPU)
+        return jax.lax.platform_dependent(x, w, group_sizes, cpu=blocked, default=ragged)
+    return (blocked if config.moe_impl == "blocked" else ragged)(x, w, group_sizes)
 
 
 @jax.named_scope("experts")

@@ -15,6 +15,10 @@ descriptors each query token issues, and the roofline time per token those imply
 least a quarter of one layer's cache, on a kernel output padded more than 2x by its layout (e.g. an lse with a
 trailing dim of 1 under (8, 128) tiles: 128x), or, for decode, on temp memory above 10% of one layer's cache (and 1 MiB).
 
+"sharded" compiles the whole sharded model forward for an 8-chip v5p slice (expert and context parallelism)
+and requires the TPU paths: ragged all-to-all, ragged_dot, the sparse-MLA and indexer kernels (the ops pick
+their backend by the platform the program is lowered for, `pallas_kernels.dispatch.by_platform`).
+
 Shapes: "real" is V3.2 (H = 128, Dc = 512, Dr = 64, K = 2048; indexer Hi = 64, Di = 128) at prefill
 T = 256 over S = 8192 keys, backward, and decode with batch 64; "test" are the exact shapes and block sizes the
 interpret-mode numerics tests run (tests/test_sparse_mla_kernels.py, tests/test_indexer_kernels.py), so the
@@ -50,14 +54,18 @@ from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from jax.experimental.pallas import tpu as pltpu  # noqa: E402
 from jax.experimental.layout import Format, Layout  # noqa: E402
-from jax.sharding import SingleDeviceSharding  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding  # noqa: E402
 
+import dsjax  # noqa: E402
 import pallas_kernels  # noqa: E402
+import sharding  # noqa: E402
 from pallas_kernels import indexer_tpu, latent_pack, sparse_mla_tpu  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("generations", ["v5e", "v5p", "v6e"], "TPU generations to compile for.")
-flags.DEFINE_list("shapes", ["real", "test"], "Shape sets: real (V3.2) and/or test (the numerics tests').")
+flags.DEFINE_list("shapes", ["real", "test", "sharded"],
+                  "Shape sets: real (V3.2), test (the numerics tests'), sharded (the model on an 8-chip v5p "
+                  "slice), canary (programs the check must reject).")
 flags.DEFINE_string("cases", "", "Only cases whose name contains this.")
 flags.DEFINE_string("json", "", "Write the results here as JSON.")
 flags.DEFINE_bool("verbose", False, "Print compiler errors in full.")
@@ -328,6 +336,38 @@ def compile_case(case: Case, device) -> dict[str, Any]:
             "seconds": time.perf_counter() - t0}
 
 
+SHARDED_TOPOLOGY = "v5p:2x2x2"  # 8 chips
+SHARDED_LAYOUTS = {"expert=4,fsdp=2": dict(expert=4, fsdp=2), "sequence=2,expert=4": dict(sequence=2, expert=4)}
+# what the program must hold when the backends follow the lowering platform (an AOT TPU compile from CPU)
+SHARDED_MUST_HOLD = ("ragged-all-to-all", "sparse_mla_fwd_tpu", "dsjax_indexer_scores", "ragged-dot")
+
+
+def sharded_results() -> dict[str, dict[str, Any]]:
+    """The whole sharded model forward (tiny MoE V3.2 widened to the kernels' dims, L = 512 > top-64) compiled
+    for an 8-chip v5p slice from this CPU host: expert parallelism must use the ragged all-to-all and
+    ragged_dot, attention the TPU sparse-MLA and indexer kernels (also under context parallelism)."""
+    topo = topologies.get_topology_desc(SHARDED_TOPOLOGY, "tpu")
+    cfg = dsjax.Config.preset("tiny", kv_lora_rank=256, qk_rope_head_dim=64, index_head_dim=64, index_topk=64)
+    out = {}
+    for name, sizes in SHARDED_LAYOUTS.items():
+        mesh = sharding.make_mesh(devices=topo.devices, **sizes)
+        par = sharding.MeshParallelism(mesh)
+        params = jax.tree.map(lambda a, shd: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shd),
+                              dsjax.abstract_params(cfg), par.param_shardings(cfg))
+        tokens = jax.ShapeDtypeStruct((2, 512), I32, sharding=NamedSharding(mesh, PartitionSpec()))
+        t0 = time.perf_counter()
+        with jax.default_device(topo.devices[0]):
+            compiled = jax.jit(lambda p, t: sharding.forward_with_aux(p, t, cfg, par)[0]).trace(
+                params, tokens).lower().compile()
+        txt = compiled.as_text()
+        counts = {k: txt.count(k) for k in SHARDED_MUST_HOLD}
+        out[f"sharded forward {SHARDED_TOPOLOGY} {name}"] = {
+            "ok": all(counts.values()), "problems": [f"no {k} in the program" for k, n in counts.items() if not n],
+            "counts": counts, "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
+            "seconds": time.perf_counter() - t0}
+    return out
+
+
 def roofline_us(r: dict[str, Any], gen: str) -> float:
     peak, bw = PEAKS[gen]
     return max(r["flops"] / peak, r["hbm_bytes"] / bw) / max(1, r["tokens"]) * 1e6
@@ -335,12 +375,14 @@ def roofline_us(r: dict[str, Any], gen: str) -> float:
 
 def run(generations, shape_sets, only="") -> dict[str, dict[str, dict[str, Any]]]:
     sets = {"real": real_cases, "test": test_cases, "canary": canary_cases}
-    cases = [c for s in shape_sets for c in sets[s]()]
+    cases = [c for s in shape_sets if s in sets for c in sets[s]()]
     cases = [c for c in cases if only in c.name]
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for gen in generations:
         device = topologies.get_topology_desc(TOPOLOGIES[gen], "tpu").devices[0]
-        results[gen] = {c.name: compile_case(c, device) for c in cases}
+        results[gen] = {c.name: compile_case(c, device) for c in cases} if cases else {}
+    if "sharded" in shape_sets:
+        results.setdefault("v5p", {}).update(sharded_results())
     return results
 
 
@@ -349,6 +391,10 @@ def print_table(results) -> None:
           f"{'DMA/tok':>8} {'v5p us/tok':>10} {'own us/tok':>10} {'s':>5}")
     for gen, rs in results.items():
         for name, r in rs.items():
+            if "counts" in r:
+                print(f"{gen:4} {name:34} {'ok' if r['ok'] else 'NO':3} {r['temp_bytes'] / 2**20:9.2f}  "
+                      + ", ".join(f"{k} x{n}" for k, n in r["counts"].items()) + f"  {r['seconds']:.1f}s")
+                continue
             if "temp_bytes" not in r:
                 print(f"{gen:4} {name:34} {'NO':3}  {r['error']}")
                 continue
@@ -359,7 +405,7 @@ def print_table(results) -> None:
                   f"{r['seconds']:5.1f}")
             for p in r["problems"]:
                 print(f"     ! {p}")
-            for p in r["notes"]:
+            for p in r.get("notes", []):
                 print(f"     . other relayout (not a cache): {p}")
 
 
@@ -368,9 +414,9 @@ def main(argv) -> None:
     bad = [g for g in FLAGS.generations if g not in TOPOLOGIES]
     if bad:
         raise app.UsageError(f"--generations: unknown {bad}; choose from {sorted(TOPOLOGIES)}.")
-    bad = [s for s in FLAGS.shapes if s not in ("real", "test", "canary")]
+    bad = [s for s in FLAGS.shapes if s not in ("real", "test", "canary", "sharded")]
     if bad:
-        raise app.UsageError(f"--shapes: unknown {bad}; choose from real, test, canary.")
+        raise app.UsageError(f"--shapes: unknown {bad}; choose from real, test, canary, sharded.")
     if importlib.util.find_spec("libtpu") is None:
         print(f"libtpu is not installed in {_LIBTPU_DIR}: run `pip install --no-deps --target .libtpu "
               f"\"libtpu==0.0.42.*\"` (or set DSJAX_LIBTPU_DIR).", file=sys.stderr)

@@ -1,15 +1,33 @@
-"""Backend resolution shared by every op's dispatch."""
+"""Backend resolution shared by every op's dispatch.
+
+`backend=None` means "the kernel of the platform the program is *lowered* for": `by_platform` traces each
+platform's implementation and `lax.platform_dependent` keeps the one that matches at lowering time. So an AOT
+compile for TPU from a CPU host (libtpu compile-only topologies, `experiments/plan.py`) gets the TPU kernels,
+and a CPU run never lowers them. (Choosing from `jax.default_backend()` at trace time picked the CPU path for
+such compiles.)
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 
 BACKENDS = ("xla", "pallas_tpu", "pallas_gpu")
 
 
+def by_platform(*args, default: Callable, tpu: Callable | None = None, gpu: Callable | None = None):
+    """`default(*args)`, or `tpu(*args)` / `gpu(*args)` when the program is lowered for TPU / CUDA."""
+    branches = {k: v for k, v in (("tpu", tpu), ("cuda", gpu)) if v is not None}
+    if not branches:
+        return default(*args)
+    return jax.lax.platform_dependent(*args, default=default, **branches)
+
+
 def resolve_backend(backend: str | None, implemented: tuple[str, ...] = BACKENDS) -> str:
     """The concrete backend: `backend` itself, or (None) the kernel for the default device's platform
-    when that op has one, else "xla"."""
+    when that op has one, else "xla". (The ops dispatch None with `by_platform` instead; this names what a
+    run on the default device gets.)"""
     if backend is None:
         platform = jax.default_backend()
         auto = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}.get(platform)

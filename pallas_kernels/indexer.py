@@ -13,10 +13,11 @@ unspecified, so it is not used.) Slots whose score is -inf (fewer visible keys t
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels import indexer_gpu, indexer_tpu, reference
-from pallas_kernels.dispatch import resolve_backend
+from pallas_kernels.dispatch import by_platform, resolve_backend
 
 IMPLEMENTED = ("xla", "pallas_tpu", "pallas_gpu")
 
@@ -45,21 +46,43 @@ def indexer_scores(q, w, k, *, q_positions, k_positions=None, q_segment_ids=None
     q: [B, T, Hi, Di], w: [B, T, Hi] (softmax scale folded in), k: [B, S, Di];
     q_positions: [B, T] or [T]; k_positions: [B, S] or [S] (default arange(S)); visibility is
     k_pos <= q_pos, k_pos >= 0 and equal segment ids (q_segment_ids [B, T], k_segment_ids [B, S]).
-    backend: "xla", "pallas_tpu", "pallas_gpu" or None (from the default device); interpret: run the
+    backend: "xla", "pallas_tpu", "pallas_gpu" or None (the kernel of the platform the program is lowered
+    for, XLA on CPU: `dispatch.by_platform`); interpret: run the
     Pallas kernel in interpret mode (True, or a `pltpu.InterpretParams` for the TPU kernel).
     chunk_size: query rows per step of the XLA scan (the kernels tile the whole [T, S] themselves).
     """
-    b = resolve_backend(backend, IMPLEMENTED)
-    if b == "xla":
+    def xla(q, w, k):
         return reference.indexer_scores(q, w, k, q_positions=q_positions, k_positions=k_positions,
                                         q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
                                         chunk_size=chunk_size)
-    bt, t = q.shape[:2]
-    qp = reference._positions(q_positions, bt, t)
-    kp = reference._positions(k_positions, bt, k.shape[1])
-    qs = None if q_segment_ids is None else jnp.asarray(q_segment_ids, jnp.int32)
-    ks = None if k_segment_ids is None else jnp.asarray(k_segment_ids, jnp.int32)
-    return _kernel_chunk_fn(b, interpret)(q, w, k, qp, kp, qs, ks)
+
+    def kernel(name):
+        def run(q, w, k):
+            bt, t = q.shape[:2]
+            qp = reference._positions(q_positions, bt, t)
+            kp = reference._positions(k_positions, bt, k.shape[1])
+            qs = None if q_segment_ids is None else jnp.asarray(q_segment_ids, jnp.int32)
+            ks = None if k_segment_ids is None else jnp.asarray(k_segment_ids, jnp.int32)
+            return _kernel_chunk_fn(name, interpret)(q, w, k, qp, kp, qs, ks)
+        return run
+
+    return _dispatch(backend, (q, w, k), xla, kernel)
+
+
+def _dispatch(backend, args, xla, kernel):
+    """backend None: the lowering platform's kernel (`by_platform`); else the named implementation.
+
+    The kernels carry no gradient (the selected indices have none; the indexer trains on its KL loss, which
+    differentiates the XLA formula), so their inputs are stop_gradient'ed: differentiating the platform
+    switch differentiates every branch, and a Pallas call has no JVP.
+    """
+    def nograd(name):
+        return lambda *a: kernel(name)(*jax.lax.stop_gradient(a))
+
+    if backend is None:
+        return by_platform(*args, default=xla, tpu=nograd("pallas_tpu"), gpu=nograd("pallas_gpu"))
+    b = resolve_backend(backend, IMPLEMENTED)
+    return xla(*args) if b == "xla" else nograd(b)(*args)
 
 
 def indexer_topk(q, w, k, *, topk: int, q_positions, k_positions=None, q_segment_ids=None, k_segment_ids=None,
@@ -71,13 +94,18 @@ def indexer_topk(q, w, k, *, topk: int, q_positions, k_positions=None, q_segment
     Arguments as `indexer_scores`; chunk_size = query rows per chunk (default: sized to a 128 MiB
     working set). Ties at the k-th score go to the lower key index on every backend.
     """
-    b = resolve_backend(backend, IMPLEMENTED)
-    if b == "xla":
+    def xla(q, w, k):
         return reference.indexer_topk(q, w, k, topk=topk, q_positions=q_positions, k_positions=k_positions,
                                       q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
                                       chunk_size=chunk_size)
-    topk = min(int(topk), k.shape[1])
-    bt, s_len = q.shape[0], k.shape[1]
-    return reference._indexer_scan(q, w, k, q_positions, k_positions, q_segment_ids, k_segment_ids, chunk_size,
-                                   _topk_fn(b, topk), score_chunk=_kernel_chunk_fn(b, interpret),
-                                   row_bytes=bt * s_len * 4 * 3)
+
+    def kernel(name):
+        def run(q, w, k):
+            kk = min(int(topk), k.shape[1])
+            bt, s_len = q.shape[0], k.shape[1]
+            return reference._indexer_scan(q, w, k, q_positions, k_positions, q_segment_ids, k_segment_ids,
+                                           chunk_size, _topk_fn(name, kk), score_chunk=_kernel_chunk_fn(name, interpret),
+                                           row_bytes=bt * s_len * 4 * 3)
+        return run
+
+    return _dispatch(backend, (q, w, k), xla, kernel)

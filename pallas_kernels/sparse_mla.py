@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import reference, sparse_mla_gpu, sparse_mla_tpu
-from pallas_kernels.dispatch import resolve_backend
+from pallas_kernels.dispatch import by_platform, resolve_backend
 
 IMPLEMENTED = ("xla", "pallas_tpu", "pallas_gpu")
 _KERNELS = {"pallas_tpu": sparse_mla_tpu, "pallas_gpu": sparse_mla_gpu}
@@ -82,12 +82,20 @@ def sparse_mla_with_lse(q_nope, q_rope, kv_nope, k_rope, indices, *, scale: floa
     See `sparse_mla`. Both outputs are differentiable (the indexer KL loss reads the lse).
     """
     _check_shapes(q_nope, q_rope, kv_nope, k_rope, indices)
+
+    def xla(*a):
+        return reference.sparse_mla_with_lse(*a, scale=scale, chunk_size=chunk_size)
+
+    def kernel(name):
+        return lambda *a: _kernel_sparse_mla(*a, float(scale), name, interpret, bool(prefix_valid))
+
+    args = (q_nope, q_rope, kv_nope, k_rope, indices)
+    if backend is None:  # the lowering platform's kernel (the TPU one only at widths it compiles for)
+        tpu_ok = sparse_mla_tpu.supports(q_nope.shape[-1], q_rope.shape[-1])
+        return by_platform(*args, default=xla, tpu=kernel("pallas_tpu") if tpu_ok else None,
+                           gpu=kernel("pallas_gpu"))
     b = resolve_backend(backend, IMPLEMENTED)
-    if b == "xla":
-        return reference.sparse_mla_with_lse(q_nope, q_rope, kv_nope, k_rope, indices, scale=scale,
-                                             chunk_size=chunk_size)
-    return _kernel_sparse_mla(q_nope, q_rope, kv_nope, k_rope, indices, float(scale), b, interpret,
-                              bool(prefix_valid))
+    return xla(*args) if b == "xla" else kernel(b)(*args)
 
 
 def sparse_mla(q_nope, q_rope, kv_nope, k_rope, indices, *, scale: float, backend: str | None = None,
@@ -102,7 +110,8 @@ def sparse_mla(q_nope, q_rope, kv_nope, k_rope, indices, *, scale: float, backen
       indices: int32 [B, T, K] selected rows; entries < 0 are unused slots (the kernels also ignore
         entries >= S; the XLA path requires them in range).
       scale: softmax scale applied to both score terms.
-      backend: "xla", "pallas_tpu", "pallas_gpu", or None (from the default device).
+      backend: "xla", "pallas_tpu", "pallas_gpu", or None (the kernel of the platform the program is lowered
+        for; XLA on CPU, and on TPU at widths the TPU kernel does not take).
       interpret: run a Pallas kernel in interpret mode (CPU tests): True, or a `pltpu.InterpretParams`
         for the TPU kernel.
       chunk_size: query rows per step of the XLA path (ignored by the kernels).

@@ -49,9 +49,14 @@ def default_block_k(k: int) -> int:
     return 128 if k >= 128 else round_up(k, 8)
 
 
+def supports(dc: int, dr: int) -> bool:
+    """Whether the kernel takes these widths (see `check_dims`)."""
+    return dc % 256 == 0 and dr % 2 == 0
+
+
 def check_dims(dc: int, dr: int) -> None:
     """The packed row is unpacked with lane-aligned slices: Dc/2 must be a multiple of 128."""
-    if dc % 256 or dr % 2:
+    if not supports(dc, dr):
         raise ValueError(f"the TPU sparse MLA kernel needs Dc % 256 == 0 and an even Dr (got Dc={dc}, "
                          f"Dr={dr}); use backend='xla' for other widths.")
 

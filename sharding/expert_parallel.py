@@ -52,7 +52,8 @@ _EXPERT_AXES = {"gate": ("exp", None, "mlp_moe"), "up": ("exp", None, "mlp_moe")
 
 
 def default_impl() -> str:
-    """"padded" on CPU (no ragged-all-to-all in XLA:CPU), "ragged" elsewhere."""
+    """"padded" on CPU (no ragged-all-to-all in XLA:CPU), "ragged" elsewhere (for the default device; with
+    impl=None `make_dispatch` decides by the lowering platform instead)."""
     return "padded" if jax.default_backend() == "cpu" else "ragged"
 
 
@@ -194,11 +195,12 @@ def make_dispatch(mesh: Mesh, impl: str | None = None,
                   buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> Callable[..., jax.Array]:
     """Route + expert-parallel dispatch on `mesh` (`MeshParallelism.route_and_dispatch` calls it).
 
-    impl: "ragged" | "padded" | "emulated" (default by backend); buffer_bytes bounds the worst-case
-    receive buffer: a device's tokens go through the exchange in chunks that fit it.
+    impl: "ragged" | "padded" | "emulated"; None: "ragged" when lowered for an accelerator, "padded" for CPU
+    (both are traced and `lax.platform_dependent` keeps one, so an AOT compile for TPU from a CPU host
+    gets the ragged all-to-all). buffer_bytes bounds the worst-case receive buffer: a device's tokens go
+    through the exchange in chunks that fit it.
     """
-    impl = impl or default_impl()
-    if impl not in IMPLS:
+    if impl is not None and impl not in IMPLS:
         raise ValueError(f"expert-parallel impl={impl!r}: expected one of {IMPLS}.")
     ep, tp = axis_size(mesh, EXPERT_AXIS), axis_size(mesh, TENSOR_AXIS)
 
@@ -224,8 +226,13 @@ def make_dispatch(mesh: Mesh, impl: str | None = None,
                              f"leaves {f_local} per device, not whole blocks. Use a tensor size that keeps "
                              "multiples of 128, or the bf16 numerics.")
         specs, split = _expert_specs(experts, mesh, config.fp8_weight_block or fp8.BLOCK)
-        body = functools.partial(_dispatch_local, config=config, ep=ep, tp=tp, impl=impl, split=split,
-                                 chunk=chunk)
+        local_fn = functools.partial(_dispatch_local, config=config, ep=ep, tp=tp, split=split, chunk=chunk)
+        if impl is None:
+            def body(*a):
+                return jax.lax.platform_dependent(*a, cpu=functools.partial(local_fn, impl="padded"),
+                                                  default=functools.partial(local_fn, impl="ragged"))
+        else:
+            body = functools.partial(local_fn, impl=impl)
         # routing runs inside too: XLA's partitioner would all-gather every token's scores for top_k
         rep = PartitionSpec()
         out, r = jax.shard_map(body, mesh=mesh, in_specs=(tok_spec, tok_spec, rep, rep, specs),

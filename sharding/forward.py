@@ -42,7 +42,8 @@ from sharding.rules import LOGITS_AXES, TOKEN_AXES, logical_to_sharding
 class MeshParallelism(Parallelism):
     """Expert, context, FSDP, tensor and data parallelism over `mesh` (axes of `rules.MESH_AXES`).
 
-    ep_impl: the expert all-to-all, "ragged" | "padded" | "emulated" (None: by backend, see expert_parallel).
+    ep_impl: the expert all-to-all, "ragged" | "padded" | "emulated" (None: by the lowering platform, see
+      expert_parallel.make_dispatch).
     ep_buffer_bytes: bound on the all-to-all's worst-case receive buffer (tokens go in chunks).
     zigzag: self-attention tokens are in `context_parallel.zigzag_order` (set by `forward_with_aux`, which
       permutes them); the gathered keys are put back in natural order before the top-k.
