@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import pallas_kernels
 from dsjax import cache as cache_lib, fp8, indexer, indexer_loss as indexer_loss_lib
 from dsjax.config import Config
-from dsjax.latents import Latents, Queries
+from dsjax.latents import Latents, PackedLatents, Queries
 from dsjax.layers import dense, fp8_linear, is_fp8, rms_norm, weight
 from dsjax.parallel import HEADS, LATENT, Parallelism, constrain
 from dsjax.rope import rope_halfsplit, rope_interleaved
@@ -128,6 +128,30 @@ def attend_local(q: Queries, kv: Latents, config: Config, *, q_positions: jax.Ar
                                         backend=c.attention_backend, interpret=c.kernel_interpret)
 
 
+def _reads_in_place(cache, layer, config: Config, parallel) -> bool:
+    """A packed stacked cache on one device, long enough for the sparse path, with plain index keys."""
+    return (isinstance(cache, PackedLatents) and layer is not None and parallel is None
+            and cache.rows.shape[-2] > config.index_topk and not isinstance(cache.index_k, cache_lib.IndexKey))
+
+
+def _attend_packed(q: Queries, cache: PackedLatents, layer: jax.Array, config: Config,
+                   positions: jax.Array) -> jax.Array:
+    """DSA over layer `layer` of a stacked packed cache, read in place by the kernels (the indexer's key
+    blocks and the sparse MLA's row DMAs address [layer, b, s] directly) -> o_lat [B, T, H, C]."""
+    c = config
+    b, s = positions.shape[0], cache.rows.shape[-2]
+    k_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    with jax.named_scope("indexer_topk"):
+        idx = pallas_kernels.indexer_topk(q.index_q, q.index_w, cache.index_k, topk=c.index_topk,
+                                          q_positions=positions, k_positions=k_positions,
+                                          backend=c.indexer_backend, interpret=c.kernel_interpret, k_layer=layer)
+    with jax.named_scope("sparse_mla"):
+        o = pallas_kernels.sparse_mla_cached(q.q_abs, q.q_pe, cache.rows, layer, idx, scale=c.softmax_scale,
+                                             backend=c.attention_backend, interpret=c.kernel_interpret,
+                                             prefix_valid=True)
+    return o.astype(q.q_abs.dtype)
+
+
 @jax.named_scope("attn_out")
 def output(p: Mapping[str, Any], o_lat: jax.Array, config: Config) -> jax.Array:
     """Un-absorb and project: o = o_lat · W_UV per head, then wo. o_lat [B, T, H, C] -> [B, T, D]."""
@@ -196,7 +220,9 @@ def mla(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array, conf
     if segment_ids is not None:
         raise ValueError("segment_ids (packed rows) are not supported together with a KV cache.")
     cache = cache_lib.write(cache, kv, positions, layer)
-    keys = cache_lib.read(cache, layer)
+    if _reads_in_place(cache, layer, config, parallel):
+        return output(p, _attend_packed(q, cache, layer, config, positions), config), cache, None
+    keys = cache_lib.read(cache, layer, config)
     b, s = keys.kv.shape[:2]
     k_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     o_lat = attend(q, keys, config, q_positions=positions, k_positions=k_positions, parallel=parallel)

@@ -17,6 +17,14 @@ class Latents(NamedTuple):
     index_k: jax.Array | None  # [B, S, index_head_dim] (V3.2 only; `cache.IndexKey` in the FP8 cache)
 
 
+class PackedLatents(NamedTuple):
+    """The TPU kernels' native cache of one layer stack: latent and rotary key fused per token into one row
+    of bf16 pairs in uint32 words (`pallas_kernels.latent_pack`), plus the indexer key."""
+
+    rows: jax.Array  # uint32 [L, B, S, row_words] (row_words = 384 for V3.2)
+    index_k: jax.Array | None  # [L, B, S, index_head_dim] (or `cache.IndexKey`)
+
+
 class Queries(NamedTuple):
     """Per-token query-side tensors of one layer."""
 

@@ -98,9 +98,13 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, config: C
         return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes, preferred_element_type=jnp.float32,
                                   precision=_precision(x))
 
-    if config.moe_impl == "auto":  # by the platform the program is lowered for (an AOT TPU compile from CPU)
-        return jax.lax.platform_dependent(x, w, group_sizes, cpu=blocked, default=ragged)
-    return (blocked if config.moe_impl == "blocked" else ragged)(x, w, group_sizes)
+    impl = config.moe_impl
+    if impl == "auto":
+        # By the default device, not the lowering platform (lax.platform_dependent would trace ragged_dot on CPU
+        # too, and ragged_dot has no batching rule for jacrev / vmap): an AOT compile for TPU from a CPU host
+        # names moe_impl="ragged_dot" (experiments/plan.py --topology, experiments/tpu_compile.py do).
+        impl = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+    return (blocked if impl == "blocked" else ragged)(x, w, group_sizes)
 
 
 @jax.named_scope("experts")

@@ -1,4 +1,4 @@
-"""AOT memory plan: lower and compile a full dsjax step on a simulated device mesh, with abstract inputs only.
+"""AOT memory plan: lower and compile a full dsjax step on a device mesh, with abstract inputs only.
 
     python experiments/plan.py --config=deepseek-v3.2 --mesh=expert=64,fsdp=4 --mode=train \\
         --seq_len=4096 --batch=256 --hbm_gb=95
@@ -16,7 +16,11 @@ Modes:
   prefill  forward of `seq_len` prompt tokens writing a `seq_len`-slot KV cache; last-position logits.
   decode   one new token per sequence against a full `seq_len`-slot KV cache.
 
-Caveats: temporaries are XLA:CPU's buffer assignment, an estimate of TPU/GPU's (fusion and layouts differ).
+With --topology (e.g. v5p:4x4x4) the mesh is libtpu's compile-only TPU chips instead: the step is compiled by
+XLA:TPU with the TPU kernels (the ops pick their backend by the lowering platform), the ragged all-to-all and
+TPU layouts, so its numbers are the TPU's own buffer plan, not an estimate.
+
+Caveats (simulated CPU): temporaries are XLA:CPU's buffer assignment, an estimate of TPU/GPU's (fusion and layouts differ).
 XLA:CPU has no native FP8 (and some bf16) kernels: its float-normalization passes upcast such ops, and
 while-loop-invariant code motion then hoists the upcast of *whole layer stacks* (e.g. all 58 layers' FP8
 experts to f16, 51 GB) out of the layer loop. TPU and GPU run these types natively and never build those
@@ -52,6 +56,9 @@ flags.DEFINE_integer("ep_buffer_mb", 512, "Bound on the expert all-to-all's wors
 flags.DEFINE_integer("ce_chunk_mb", 1024, "Train: f32 logits the loss holds at once per device (MiB; 0 = all), "
                      "as finetune.py's --ce_chunk_mb.")
 flags.DEFINE_bool("cpu_licm", False, "Keep XLA:CPU's while-loop-invariant code motion (see the module docstring).")
+flags.DEFINE_string("topology", "", "Plan on a compile-only TPU topology instead of simulated CPU devices, e.g. "
+                    "v5p:4x4x4 (64 chips), v5e:4x4, v6e:4x4: the real XLA:TPU compiler, layouts and the TPU "
+                    "kernels. Needs libtpu in $DSJAX_LIBTPU_DIR (default <repo>/.libtpu, see the README).")
 
 GB = 1e9
 
@@ -160,14 +167,35 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(f"--mesh: {e}") from None
     n_dev = math.prod(sizes.values())
-    xla = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_dev}"
-    if not FLAGS.cpu_licm:
-        xla += " --xla_disable_hlo_passes=while-loop-invariant-code-motion"
-    os.environ["XLA_FLAGS"] = xla
+    if FLAGS.topology:  # libtpu's compile-only devices: nothing runs, the TPU compilers plan the program
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        sys.path.insert(0, os.environ.get("DSJAX_LIBTPU_DIR", os.path.join(repo, ".libtpu")))
+        for k, v in (("JAX_PLATFORMS", "cpu"), ("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost")):
+            os.environ.setdefault(k, v)
+    else:
+        xla = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_dev}"
+        if not FLAGS.cpu_licm:
+            xla += " --xla_disable_hlo_passes=while-loop-invariant-code-motion"
+        os.environ["XLA_FLAGS"] = xla
+    import contextlib
+
     import jax
+    from jax.experimental import topologies
 
     import dsjax
     import sharding
+
+    devices, device_ctx = None, contextlib.nullcontext()
+    if FLAGS.topology:
+        try:
+            devices = topologies.get_topology_desc(FLAGS.topology, "tpu").devices
+        except Exception as e:  # noqa: BLE001 - one line naming the topology and the fix
+            raise app.UsageError(f"--topology={FLAGS.topology}: {str(e).splitlines()[0]} (is libtpu installed in "
+                                 f".libtpu? see the README's test command)") from None
+        if len(devices) != n_dev:
+            raise app.UsageError(f"--topology={FLAGS.topology} has {len(devices)} chips but --mesh={FLAGS.mesh} "
+                                 f"needs {n_dev}.")
+        device_ctx = jax.default_device(devices[0])  # Mosaic's lowering reads the chip from the default device
 
     cfg = dsjax.Config.preset(FLAGS.config)
     if FLAGS.seq_len > cfg.max_position_embeddings:
@@ -177,18 +205,22 @@ def main(argv):
         if FLAGS.mode == "train":
             raise app.UsageError("--weights=fp8 is for serving (prefill / decode); train keeps bf16 weights.")
         cfg = cfg.replace(fp8_weight_block=128)
-    mesh = sharding.make_mesh(**sizes, config=cfg)
+    if FLAGS.topology and cfg.moe_impl == "auto":  # "auto" follows the default device (this CPU host)
+        cfg = cfg.replace(moe_impl="ragged_dot")
+    mesh = sharding.make_mesh(**sizes, devices=devices, config=cfg)
     batch_shards = math.prod(mesh.shape[a] for a in sharding.RULES["act_batch"])
     batch = FLAGS.batch or batch_shards
     step, args, in_sh, out_sh, donate, cats = build(FLAGS.mode, cfg, mesh, batch, FLAGS.seq_len, FLAGS.weights,
                                                     FLAGS.remat, FLAGS.ep_buffer_mb << 20,
                                                     FLAGS.ce_chunk_mb << 20 if FLAGS.ce_chunk_mb > 0 else None)
-    print(f"plan: {FLAGS.config} mode={FLAGS.mode} weights={FLAGS.weights} mesh={FLAGS.mesh} ({n_dev} devices) "
+    where = FLAGS.topology or "simulated CPU"
+    print(f"plan: {FLAGS.config} mode={FLAGS.mode} weights={FLAGS.weights} mesh={FLAGS.mesh} ({n_dev} devices, {where}) "
           f"batch={batch} seq_len={FLAGS.seq_len} params={dsjax.count_params(args[0]) / 1e9:.1f}B", flush=True)
     t0 = time.time()
-    lowered = jax.jit(step, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=donate).lower(*args)
-    t1 = time.time()
-    compiled = lowered.compile()
+    with device_ctx:
+        lowered = jax.jit(step, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=donate).lower(*args)
+        t1 = time.time()
+        compiled = lowered.compile()
     t2 = time.time()
     mem = compiled.memory_analysis()
     rows = [(name, per_device_bytes(args[i], in_sh[i])) for name, i in cats.items()]

@@ -63,9 +63,10 @@ from pallas_kernels import indexer_tpu, latent_pack, sparse_mla_tpu  # noqa: E40
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("generations", ["v5e", "v5p", "v6e"], "TPU generations to compile for.")
-flags.DEFINE_list("shapes", ["real", "test", "sharded"],
+flags.DEFINE_list("shapes", ["real", "test", "sharded", "model"],
                   "Shape sets: real (V3.2), test (the numerics tests'), sharded (the model on an 8-chip v5p "
-                  "slice), canary (programs the check must reject).")
+                  "slice), model (the model's decode step over a packed cache), canary (programs the check "
+                  "must reject).")
 flags.DEFINE_string("cases", "", "Only cases whose name contains this.")
 flags.DEFINE_string("json", "", "Write the results here as JSON.")
 flags.DEFINE_bool("verbose", False, "Print compiler errors in full.")
@@ -347,7 +348,9 @@ def sharded_results() -> dict[str, dict[str, Any]]:
     for an 8-chip v5p slice from this CPU host: expert parallelism must use the ragged all-to-all and
     ragged_dot, attention the TPU sparse-MLA and indexer kernels (also under context parallelism)."""
     topo = topologies.get_topology_desc(SHARDED_TOPOLOGY, "tpu")
-    cfg = dsjax.Config.preset("tiny", kv_lora_rank=256, qk_rope_head_dim=64, index_head_dim=64, index_topk=64)
+    # moe_impl names ragged_dot: "auto" picks by the default device (CPU here), see dsjax.moe.grouped_matmul
+    cfg = dsjax.Config.preset("tiny", kv_lora_rank=256, qk_rope_head_dim=64, index_head_dim=64, index_topk=64,
+                              moe_impl="ragged_dot")
     out = {}
     for name, sizes in SHARDED_LAYOUTS.items():
         mesh = sharding.make_mesh(devices=topo.devices, **sizes)
@@ -368,6 +371,47 @@ def sharded_results() -> dict[str, dict[str, Any]]:
     return out
 
 
+def model_decode_results(gen: str) -> dict[str, dict[str, Any]]:
+    """The whole model's decode step (tiny V3.2 widened to the kernels' dims, bf16, 4 layers: 2 dense + 2 MoE,
+    a packed 2,048-slot cache > top-64) compiled for one chip, the cache donated as `generate` does: no
+    relayout copy of a cache-shaped array, temp below 10% of one layer's cache, the kernels present."""
+    device = topologies.get_topology_desc(TOPOLOGIES[gen], "tpu").devices[0]
+    cfg = dsjax.Config.preset("tiny", kv_lora_rank=512, qk_rope_head_dim=64, index_head_dim=128, index_topk=64,
+                              dtype="bfloat16", param_dtype="bfloat16", moe_impl="ragged_dot")
+    b, s = 8, 2048
+    shd = SingleDeviceSharding(device)
+    cache = jax.eval_shape(lambda: dsjax.cache.layer_caches(dsjax.cache.init_cache(cfg, b, s, packed=True)))
+    sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shd)
+    args = (jax.tree.map(sds, dsjax.abstract_params(cfg)), jax.tree.map(sds, cache),
+            jax.ShapeDtypeStruct((b, 1), I32, sharding=shd), jax.ShapeDtypeStruct((b, 1), I32, sharding=shd))
+
+    def step(params, cache, tokens, positions):
+        aux = dsjax.model.forward_hidden(params, tokens, cfg, positions=positions, cache=cache)
+        return dsjax.model.lm_head(params, aux.hidden), aux.cache
+
+    t0 = time.perf_counter()
+    with jax.default_device(device):
+        compiled = jax.jit(step, donate_argnums=(1,)).trace(*args).lower().compile()
+    rows = cache["dense"].rows
+    layer_bytes = b * s * rows.shape[-1] * 4
+    widths = (rows.shape[-1], latent_pack.packed_width(512, 64), cfg.index_head_dim)
+    case = Case("model decode", step, (), layer_bytes, s, widths, b, 0, decode=True)
+    scan = scan_hlo(compiled.as_text(), case)
+    txt = compiled.as_text()
+    temp = int(compiled.memory_analysis().temp_size_in_bytes)
+    problems = [f"relayout copy: {c}" for c in scan["copies"]]
+    problems += [f"no {k} in the program" for k in ("sparse_mla_fwd_tpu", "dsjax_indexer_scores") if k not in txt]
+    # a layer's slice materialised for a custom call shows up as a dynamic-slice of a whole [B, S, .] layer
+    slices = [ln.strip()[:160] for ln in txt.splitlines() if "dynamic-slice(" in ln and f",{s}," in ln]
+    problems += [f"layer slice: {x}" for x in slices]
+    if temp > layer_bytes // 10:
+        problems.append(f"decode temp {temp} B > 10% of one layer's cache ({layer_bytes} B)")
+    return {f"model decode step B{b} S{s} packed": {
+        "ok": not problems, "problems": problems, "notes": scan["other_copies"], "temp_bytes": temp,
+        "cache_bytes": layer_bytes, "counts": {"layer-cache copies": len(scan["copies"]), "layer slices": len(slices)},
+        "seconds": time.perf_counter() - t0}}
+
+
 def roofline_us(r: dict[str, Any], gen: str) -> float:
     peak, bw = PEAKS[gen]
     return max(r["flops"] / peak, r["hbm_bytes"] / bw) / max(1, r["tokens"]) * 1e6
@@ -383,6 +427,9 @@ def run(generations, shape_sets, only="") -> dict[str, dict[str, dict[str, Any]]
         results[gen] = {c.name: compile_case(c, device) for c in cases} if cases else {}
     if "sharded" in shape_sets:
         results.setdefault("v5p", {}).update(sharded_results())
+    if "model" in shape_sets:
+        for gen in generations:
+            results.setdefault(gen, {}).update(model_decode_results(gen))
     return results
 
 
@@ -394,6 +441,8 @@ def print_table(results) -> None:
             if "counts" in r:
                 print(f"{gen:4} {name:34} {'ok' if r['ok'] else 'NO':3} {r['temp_bytes'] / 2**20:9.2f}  "
                       + ", ".join(f"{k} x{n}" for k, n in r["counts"].items()) + f"  {r['seconds']:.1f}s")
+                for p in r["problems"]:
+                    print(f"     ! {p}")
                 continue
             if "temp_bytes" not in r:
                 print(f"{gen:4} {name:34} {'NO':3}  {r['error']}")
@@ -414,9 +463,9 @@ def main(argv) -> None:
     bad = [g for g in FLAGS.generations if g not in TOPOLOGIES]
     if bad:
         raise app.UsageError(f"--generations: unknown {bad}; choose from {sorted(TOPOLOGIES)}.")
-    bad = [s for s in FLAGS.shapes if s not in ("real", "test", "canary", "sharded")]
+    bad = [s for s in FLAGS.shapes if s not in ("real", "test", "canary", "sharded", "model")]
     if bad:
-        raise app.UsageError(f"--shapes: unknown {bad}; choose from real, test, canary, sharded.")
+        raise app.UsageError(f"--shapes: unknown {bad}; choose from real, test, canary, sharded, model.")
     if importlib.util.find_spec("libtpu") is None:
         print(f"libtpu is not installed in {_LIBTPU_DIR}: run `pip install --no-deps --target .libtpu "
               f"\"libtpu==0.0.42.*\"` (or set DSJAX_LIBTPU_DIR).", file=sys.stderr)

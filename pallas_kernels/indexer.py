@@ -22,14 +22,16 @@ from pallas_kernels.dispatch import by_platform, resolve_backend
 IMPLEMENTED = ("xla", "pallas_tpu", "pallas_gpu")
 
 
-def _kernel_chunk_fn(backend: str, interpret):
-    """A `reference._indexer_chunk`-compatible scorer running the backend's Pallas kernel."""
-    kernel = indexer_tpu.indexer_scores_tpu if backend == "pallas_tpu" else indexer_gpu.indexer_scores_gpu
-
+def _kernel_chunk_fn(backend: str, interpret, layer=None):
+    """A `reference._indexer_chunk`-compatible scorer running the backend's Pallas kernel. With `layer`, k
+    is a stacked cache [L, B, S, Di]: the TPU kernel reads that layer in place, the others take a slice."""
     def score_chunk(q, w, k, qpos, kpos, qseg, kseg):
         if qseg is None:  # unpacked rows: one segment (the kernels always compare segment ids)
             qseg, kseg = jnp.zeros(qpos.shape, jnp.int32), jnp.zeros(kpos.shape, jnp.int32)
-        return kernel(q, w, k, qpos, kpos, qseg, kseg, interpret=interpret)
+        if backend == "pallas_tpu":
+            return indexer_tpu.indexer_scores_tpu(q, w, k, qpos, kpos, qseg, kseg, interpret=interpret, layer=layer)
+        k = k if layer is None else jax.lax.dynamic_index_in_dim(k, layer, 0, keepdims=False)
+        return indexer_gpu.indexer_scores_gpu(q, w, k, qpos, kpos, qseg, kseg, interpret=interpret)
 
     return score_chunk
 
@@ -86,25 +88,30 @@ def _dispatch(backend, args, xla, kernel):
 
 
 def indexer_topk(q, w, k, *, topk: int, q_positions, k_positions=None, q_segment_ids=None, k_segment_ids=None,
-                 backend: str | None = None, interpret=False, chunk_size: int | None = None):
+                 backend: str | None = None, interpret=False, chunk_size: int | None = None, k_layer=None):
     """Indices of the top-`topk` indexer scores per query -> int32 [B, T, min(topk, S)], best first; -1 fills
     the slots beyond the visible keys (so the valid slots always come first: `sparse_mla(prefix_valid=True)`).
     Works over query chunks: peak memory O(T_chunk · S), never O(T · S).
 
     Arguments as `indexer_scores`; chunk_size = query rows per chunk (default: sized to a 128 MiB
     working set). Ties at the k-th score go to the lower key index on every backend.
+    k_layer: k is a stacked key cache [L, B, S, Di] and this int32 scalar its layer; the TPU kernel reads
+    the layer in place (a decode step's layer scan then copies no layer's keys), the XLA path slices it.
     """
     def xla(q, w, k):
+        if k_layer is not None:
+            k = jax.lax.dynamic_index_in_dim(k, k_layer, 0, keepdims=False)
         return reference.indexer_topk(q, w, k, topk=topk, q_positions=q_positions, k_positions=k_positions,
                                       q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
                                       chunk_size=chunk_size)
 
     def kernel(name):
         def run(q, w, k):
-            kk = min(int(topk), k.shape[1])
-            bt, s_len = q.shape[0], k.shape[1]
+            kk = min(int(topk), k.shape[-2])
+            bt, s_len = q.shape[0], k.shape[-2]
             return reference._indexer_scan(q, w, k, q_positions, k_positions, q_segment_ids, k_segment_ids,
-                                           chunk_size, _topk_fn(name, kk), score_chunk=_kernel_chunk_fn(name, interpret),
+                                           chunk_size, _topk_fn(name, kk),
+                                           score_chunk=_kernel_chunk_fn(name, interpret, k_layer),
                                            row_bytes=bt * s_len * 4 * 3)
         return run
 

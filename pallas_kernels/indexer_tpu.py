@@ -51,7 +51,9 @@ def needed_key_blocks(qpos: jax.Array, kpos: jax.Array, bq: int, bs: int) -> jax
     return jnp.max(jnp.where(need, jnp.arange(1, nk + 1, dtype=jnp.int32), 0), axis=-1).astype(jnp.int32)
 
 
-def _kernel(nblk_ref, q_ref, w_ref, k_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, o_ref, *, bq, hi, nq):
+def _kernel(nblk_ref, layer_ref, q_ref, w_ref, k_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, o_ref, *, bq, hi,
+            nq):
+    del layer_ref  # read by the key BlockSpec's index map
     b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n_needed = nblk_ref[b * nq + i]
 
@@ -71,24 +73,39 @@ def _kernel(nblk_ref, q_ref, w_ref, k_ref, qpos_ref, kpos_ref, qseg_ref, kseg_re
         o_ref[...] = jnp.full(o_ref.shape, NEG_INF, F32)
 
 
+def _key_block(s_len: int, block_k: int) -> int:
+    """The key block: block_k, or for a stacked cache read in place the largest multiple of 128 <= block_k
+    dividing S (so the cache is not padded, i.e. copied)."""
+    for bs in range(min(block_k, _round_up(s_len, 128)), 127, -128):
+        if s_len % bs == 0:
+            return bs
+    return min(block_k, _round_up(s_len, 128))
+
+
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "interpret"))
 def indexer_scores_tpu(q, w, k, qpos, kpos, qseg, kseg, *, block_q: int = 8, block_k: int = 512,
-                       interpret=False) -> jax.Array:
+                       interpret=False, layer=None) -> jax.Array:
     """Scores of every visible (query, key) pair -> f32 [B, T, S].
 
     q [B, T, Hi, Di] (bf16 or f32), w [B, T, Hi], k [B, S, Di]; qpos/qseg int32 [B, T], kpos/kseg
     int32 [B, S] (segment ids all equal when rows are not packed). `interpret` is False, True (HLO
     interpreter) or a `pltpu.InterpretParams` (TPU-faithful simulator).
+    layer: with k a stacked cache [L, B, S, Di], the layer to read (scalar-prefetched into the key
+    BlockSpec's index map, so the layer is read in place: no [B, S, Di] slice is materialised).
     """
     b, t, hi, di = q.shape
-    s_len = k.shape[1]
+    s_len = k.shape[-2]
     bq = block_q if t >= block_q else t  # decode (T < 8): a block of the whole T, not T padded to 8
-    bs = min(block_k, _round_up(s_len, 128))
+    bs = _key_block(s_len, block_k)
     tp, sp = _round_up(t, bq), _round_up(s_len, bs)
     pad_t, pad_s = ((0, 0), (0, tp - t)), ((0, 0), (0, sp - s_len))
     dt = jnp.promote_types(q.dtype, k.dtype)
     q = jnp.pad(q.astype(dt), pad_t + ((0, 0), (0, 0))).reshape(b, tp * hi, di)
-    k = jnp.pad(k.astype(dt), pad_s + ((0, 0),))
+    stacked = layer is not None
+    if not stacked:
+        k = k[None]
+    if sp != s_len or k.dtype != dt:  # (a stacked cache: a copy, avoided whenever S is a multiple of 128)
+        k = jnp.pad(k.astype(dt), ((0, 0),) + pad_s + ((0, 0),))
     w = jnp.pad(w.astype(F32), pad_t + ((0, 0),)).reshape(b, tp * hi, 1)
     qpos = jnp.pad(qpos, pad_t, constant_values=-1)
     kpos = jnp.pad(kpos, pad_s, constant_values=-1)
@@ -96,25 +113,26 @@ def indexer_scores_tpu(q, w, k, qpos, kpos, qseg, kseg, *, block_q: int = 8, blo
     nq, nk = tp // bq, sp // bs
     nblk = needed_key_blocks(qpos, kpos, bq, bs).reshape(-1)  # 1-D: SMEM pads 2-D arrays to 128 lanes
 
-    def kmap(bi, i, j, nblk_ref):  # clamp: a repeated block index means no new DMA
-        return bi, jnp.minimum(j, jnp.maximum(nblk_ref[bi * nq + i] - 1, 0)), 0
+    def kmap(bi, i, j, nblk_ref, layer_ref):  # clamp: a repeated block index means no new DMA
+        return layer_ref[0], bi, jnp.minimum(j, jnp.maximum(nblk_ref[bi * nq + i] - 1, 0)), 0
 
-    def kvec_map(bi, i, j, nblk_ref):
+    def kvec_map(bi, i, j, nblk_ref, layer_ref):
         return bi, 0, jnp.minimum(j, jnp.maximum(nblk_ref[bi * nq + i] - 1, 0))
 
+    row = lambda bi, i, j, n, lay: (bi, i, 0)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=1,
+        num_scalar_prefetch=2,
         grid=(b, nq, nk),
         in_specs=[
-            pl.BlockSpec((None, bq * hi, di), lambda bi, i, j, n: (bi, i, 0)),
-            pl.BlockSpec((None, bq * hi, 1), lambda bi, i, j, n: (bi, i, 0)),
-            pl.BlockSpec((None, bs, di), kmap),
-            pl.BlockSpec((None, bq, 1), lambda bi, i, j, n: (bi, i, 0)),
+            pl.BlockSpec((None, bq * hi, di), row),
+            pl.BlockSpec((None, bq * hi, 1), row),
+            pl.BlockSpec((None, None, bs, di), kmap),
+            pl.BlockSpec((None, bq, 1), row),
             pl.BlockSpec((None, 1, bs), kvec_map),
-            pl.BlockSpec((None, bq, 1), lambda bi, i, j, n: (bi, i, 0)),
+            pl.BlockSpec((None, bq, 1), row),
             pl.BlockSpec((None, 1, bs), kvec_map),
         ],
-        out_specs=pl.BlockSpec((None, bq, bs), lambda bi, i, j, n: (bi, i, j)),
+        out_specs=pl.BlockSpec((None, bq, bs), lambda bi, i, j, n, lay: (bi, i, j)),
     )
     out = pl.pallas_call(
         functools.partial(_kernel, bq=bq, hi=hi, nq=nq),
@@ -127,5 +145,6 @@ def indexer_scores_tpu(q, w, k, qpos, kpos, qseg, kseg, *, block_q: int = 8, blo
             bytes_accessed=b * (tp * hi * (di * q.dtype.itemsize + 4) + nq * sp * di * k.dtype.itemsize + tp * sp * 4)),
         interpret=interpret,
         name="dsjax_indexer_scores",
-    )(nblk, q, w, k, qpos[..., None], kpos[:, None, :], qseg[..., None], kseg[:, None, :])
+    )(nblk, jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1), q, w, k, qpos[..., None],
+      kpos[:, None, :], qseg[..., None], kseg[:, None, :])
     return out[:, :t, :s_len]

@@ -237,7 +237,7 @@ def _indexer_scan(q, w, k, q_positions, k_positions, q_segment_ids, k_segment_id
     chunks and apply `per_chunk` to each chunk's f32 [B, c, S] scores. `row_bytes`: working set per
     query row used to size the chunk (default: the [Hi, S] per-head logits of the XLA path)."""
     b, t, hi, _ = q.shape
-    s_len = k.shape[1]
+    s_len = k.shape[-2]  # k [B, S, Di], or a stacked [L, B, S, Di] that `score_chunk` reads one layer of
     qp = _positions(q_positions, b, t)
     kp = _positions(k_positions, b, s_len)
     has_seg = q_segment_ids is not None

@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import reference, sparse_mla_gpu, sparse_mla_tpu
+from pallas_kernels import latent_pack, reference, sparse_mla_gpu, sparse_mla_tpu
 from pallas_kernels.dispatch import by_platform, resolve_backend
 
 IMPLEMENTED = ("xla", "pallas_tpu", "pallas_gpu")
@@ -123,6 +123,36 @@ def sparse_mla(q_nope, q_rope, kv_nope, k_rope, indices, *, scale: float, backen
     """
     return sparse_mla_with_lse(q_nope, q_rope, kv_nope, k_rope, indices, scale=scale, backend=backend,
                                interpret=interpret, chunk_size=chunk_size, prefix_valid=prefix_valid)[0]
+
+
+def sparse_mla_cached(q_nope, q_rope, rows, layer, indices, *, scale: float, backend: str | None = None,
+                      interpret=False, prefix_valid: bool = False):
+    """`sparse_mla` over layer `layer` of a stacked packed latent cache (inference: no gradient).
+
+    rows: uint32 [L, B, S, W] (`latent_pack.pack` rows, the TPU kernels' native cache); layer: int32 scalar.
+    The TPU kernel reads the layer in place through its HBM ref (a decode step's layer scan copies no layer
+    of the cache); the XLA and GPU paths unpack a slice of the layer first. Returns [B, T, H, Dc] in
+    q_nope's dtype (the TPU kernel computes in bf16).
+    """
+    dc, dr = q_nope.shape[-1], q_rope.shape[-1]
+
+    def unpacked(name):
+        def run(qn, qr, rows, layer, idx):
+            kvn, kr = latent_pack.unpack(jax.lax.dynamic_index_in_dim(rows, layer, 0, keepdims=False), dc, dr)
+            return sparse_mla(qn, qr, kvn, kr, idx, scale=scale, backend=name, interpret=interpret,
+                              prefix_valid=prefix_valid).astype(qn.dtype)
+        return run
+
+    def tpu(qn, qr, rows, layer, idx):
+        return sparse_mla_tpu.forward_packed(qn, qr, rows, layer, idx, scale=scale, interpret=interpret,
+                                             prefix_valid=prefix_valid)[0].astype(qn.dtype)
+
+    args = (q_nope, q_rope, rows, jnp.asarray(layer, jnp.int32), indices)
+    if backend is None:
+        return by_platform(*args, default=unpacked("xla"),
+                           tpu=tpu if sparse_mla_tpu.supports(dc, dr) else None, gpu=unpacked("pallas_gpu"))
+    b = resolve_backend(backend, IMPLEMENTED)
+    return tpu(*args) if b == "pallas_tpu" else unpacked(b)(*args)
 
 
 def dense_mla(q_nope, q_rope, kv_nope, k_rope, *, scale: float, q_positions=None, k_positions=None,

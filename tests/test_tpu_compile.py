@@ -5,7 +5,8 @@ stacked packed cache; indexer scores and top-k, prefill and decode) for v5e, v5p
 V3.2 shapes and at the exact shapes and block sizes of the interpret-mode numerics tests. It fails on a compile
 error, on a relayout copy of a cache-shaped buffer in the post-layout HLO, on a kernel output padded more than
 2x by its layout, and on decode temp memory above 10% of one layer's cache. It also compiles the sharded
-model forward for an 8-chip v5p slice and requires the TPU paths (ragged all-to-all, the kernels). Canaries that commit each
+model forward for an 8-chip v5p slice and requires the TPU paths (ragged all-to-all, the kernels), and the
+whole model's decode step over the packed cache, where no layer of the cache may be sliced or copied. Canaries that commit each
 fault show the check can fail. It needs libtpu installed apart from the main environment, as the README's
 test command does (`pip install --no-deps --target .libtpu "libtpu==0.0.42.*"`); about 30 s per generation.
 """
@@ -36,7 +37,7 @@ def _run(tmp_path, *flags, timeout=900):
 
 
 def test_every_tpu_kernel_compiles_for_v5e_v5p_v6e(tmp_path):
-    proc, res = _run(tmp_path, "--generations=v5e,v5p,v6e", "--shapes=real,test,sharded")
+    proc, res = _run(tmp_path, "--generations=v5e,v5p,v6e", "--shapes=real,test,sharded,model")
     failed = {f"{g} {n}": r.get("problems") or r.get("error") for g, rs in res.items() for n, r in rs.items()
               if not r["ok"]}
     assert not failed, failed
@@ -50,6 +51,9 @@ def test_every_tpu_kernel_compiles_for_v5e_v5p_v6e(tmp_path):
         # the layer scan's decode reads the stacked cache in place: no temp near one layer's cache
         dec = rs["sparse_mla decode B64 S8K L4"]
         assert dec["temp_bytes"] < dec["cache_bytes"] // 100, dec
+        # the whole model's decode step over the packed cache: the kernels read each layer in place
+        step = rs["model decode step B8 S2048 packed"]
+        assert step["counts"] == {"layer-cache copies": 0, "layer slices": 0} and step["temp_bytes"] == 0, step
         if gen == "v5p":  # backends follow the lowering platform: the TPU collectives and kernels, from CPU
             for layout in ("expert=4,fsdp=2", "sequence=2,expert=4"):
                 counts = rs[f"sharded forward v5p:2x2x2 {layout}"]["counts"]
