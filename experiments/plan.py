@@ -103,7 +103,7 @@ def per_device_bytes(tree, shardings) -> int:
 
 
 def build(mode: str, config, mesh, batch: int, seq_len: int, weights: str, remat: str, ep_buffer: int,
-          ce_chunk: int | None = None):
+          ce_chunk: int | None = None, packed_cache: bool = False):
     """(step function, abstract args, in_shardings, out_shardings, donate, {category: args index})."""
     import jax
     import jax.numpy as jnp
@@ -140,7 +140,8 @@ def build(mode: str, config, mesh, batch: int, seq_len: int, weights: str, remat
 
         return (step, (params, state, tokens), (ps, ss, tok_sh), (rep, ps, ss), (0, 1),
                 {"params": 0, "optimizer state": 1, "tokens": 2})
-    cache = jax.eval_shape(lambda: cache_lib.layer_caches(cache_lib.init_cache(config, batch, seq_len)))
+    cache = jax.eval_shape(lambda: cache_lib.layer_caches(cache_lib.init_cache(config, batch, seq_len,
+                                                                               packed=packed_cache)))
     cs = sharding.cache_shardings(cache, mesh)
     t_new = seq_len if mode == "prefill" else 1
     tokens = jax.ShapeDtypeStruct((batch, t_new), jnp.int32)
@@ -212,7 +213,11 @@ def main(argv):
     batch = FLAGS.batch or batch_shards
     step, args, in_sh, out_sh, donate, cats = build(FLAGS.mode, cfg, mesh, batch, FLAGS.seq_len, FLAGS.weights,
                                                     FLAGS.remat, FLAGS.ep_buffer_mb << 20,
-                                                    FLAGS.ce_chunk_mb << 20 if FLAGS.ce_chunk_mb > 0 else None)
+                                                    FLAGS.ce_chunk_mb << 20 if FLAGS.ce_chunk_mb > 0 else None,
+                                                    # TPU: the kernels' packed rows (init_cache's TPU default)
+                                                    packed_cache=bool(FLAGS.topology)
+                                                    and dsjax.cache.packed_supported(cfg)
+                                                    and FLAGS.seq_len > cfg.index_topk)
     where = FLAGS.topology or "simulated CPU"
     print(f"plan: {FLAGS.config} mode={FLAGS.mode} weights={FLAGS.weights} mesh={FLAGS.mesh} ({n_dev} devices, {where}) "
           f"batch={batch} seq_len={FLAGS.seq_len} params={dsjax.count_params(args[0]) / 1e9:.1f}B", flush=True)

@@ -106,7 +106,11 @@ def forward(q_nope, q_rope, kv_nope, k_rope, indices, *, scale: float, interpret
     """
     b, t, h, dc = q_nope.shape
     s_len = kv_nope.shape[1]
-    pd = _Padded(q_nope, q_rope, block_h)
+    # 32 heads per program (experiments/gpu_compile.py, H = 128, Dc = 512, bk = 64, 8 warps, 2 stages): 114,944 B
+    # of shared memory, 255 registers and 8-16 B of spills on sm_90 / sm_100. 64 heads (FlashMLA's block) hold a
+    # [64, 512] f32 accumulator: 580-1,184 B of spills, since Pallas-Triton cannot split the 512-wide value over
+    # two warpgroups sharing P as FlashMLA does. The price of 32: each gathered row is read by 4 programs, not 2.
+    pd = _Padded(q_nope, q_rope, block_h or min(32, max(16, next_pow2(q_nope.shape[2]))))
     bh = pd.block_h
     block_k = block_k or 64
     idx, n_chunks = prepare_indices(indices, s_len, block_k)
@@ -187,15 +191,19 @@ def _bwd_kernel(qn_ref, qr_ref, idx_ref, nck_ref, kvn_ref, kr_ref, do_ref, lse_r
 
 
 def backward(q_nope, q_rope, kv_nope, k_rope, indices, out, lse, dout, dlse, *, scale: float, interpret=False,
-             block_h: int | None = None, block_k: int = 16, num_warps: int = 8, num_stages: int = 1):
+             block_h: int | None = None, block_k: int = 32, num_warps: int = 8, num_stages: int = 1):
     """Gradients of `forward` -> (dq_nope, dq_rope, dkv_nope, dk_rope), each in its input's dtype.
 
     out/lse: the forward's results; dout [B, T, H, Dc], dlse f32 [B, T, H]: their cotangents.
     With P = exp(S - lse): dS = P * (dO.V^T - rowsum(dO * O) + dlse).
+
+    Tiles (experiments/gpu_compile.py, sm_90 / sm_100 at H = 128, Dc = 512): 32 heads x 32 slots per chunk
+    need 135,168 B of shared memory and spill 12-40 B; 64 heads (the forward's block) need 311,296 B, over the
+    232,448 B a block may use, so that backward could not launch. 32 heads x 16 slots: 102,400 B, 28-36 B spills.
     """
     b, t, h, dc = q_nope.shape
     s_len = kv_nope.shape[1]
-    pd = _Padded(q_nope, q_rope, block_h)
+    pd = _Padded(q_nope, q_rope, block_h or min(32, max(16, next_pow2(h))))
     bh = pd.block_h
     idx, n_chunks = prepare_indices(indices, s_len, block_k)
     nhb = pd.hp // bh
