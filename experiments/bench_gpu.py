@@ -32,7 +32,6 @@ from absl import app, flags  # noqa: E402
 import dsjax  # noqa: E402
 import pallas_kernels  # noqa: E402
 from experiments.bench_utils import best_time  # noqa: E402
-from pallas_kernels import reference as R  # noqa: E402
 from pallas_kernels.sparse_mla_common import flops as mla_flops  # noqa: E402
 
 FLAGS = flags.FLAGS
