@@ -7,7 +7,8 @@ the Triton module that Pallas emits for each `pallas_call` is captured (with its
 compiled by the `triton` wheel to a cubin for each target, installed apart from the environment
 (`pip install --no-deps --target .triton "triton==3.6.*"`, $DSJAX_TRITON_DIR). Reported per kernel: the shared
 memory a block needs (must be <= 232,448 B, what one block may opt in to on H100, H200 and B200) and the
-registers and spill bytes from the bundled `ptxas -v`. Interpret mode sees none of this.
+registers and spill bytes from the bundled `ptxas -v`, and the f32 atomic adds each loop trip issues (the
+elements of every `tt.atomic_rmw`: the backward's dK/dV scatter). Interpret mode sees none of this.
 
 Shapes: "real" is V3.2 (H = 128, Dc = 512, Dr = 64, K = 2048; indexer Hi = 64, Di = 128), prefill T = 256,
 backward, decode at batch 64; "test" the shapes of the interpret-mode tests.
@@ -26,6 +27,7 @@ sys.path.insert(0, _REPO)
 import dataclasses  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -116,8 +118,13 @@ def capture(case: Case) -> list[dict[str, Any]]:
     def spy(jaxpr, grid_mapping, *a, **kw):
         result = original(jaxpr, grid_mapping, *a, **kw)
         caller = sys._getframe(1).f_locals  # pallas_call_lowering: it holds the launch parameters
-        mods.append({"name": str(jaxpr.debug_info.func_name), "asm": result.module.operation.get_asm(),
-                     "num_warps": int(caller["num_warps"]), "num_stages": int(caller["num_stages"])})
+        asm = result.module.operation.get_asm()
+        # f32 atomic adds each loop trip (per chunk of slots) issues: the elements of every tt.atomic_rmw tensor
+        atomics = sum(math.prod(int(d) for d in dims.split("x"))
+                      for dims in re.findall(r"tt\.atomic_rmw[^:]*:\s*\(tensor<([\dx]+)x!tt\.ptr", asm))
+        mods.append({"name": str(jaxpr.debug_info.func_name), "asm": asm, "num_warps": int(caller["num_warps"]),
+                     "num_stages": int(caller["num_stages"]), "atomics_per_trip": atomics,
+                     "grid": [int(g) for g in result.grid]})
         return result
 
     triton_lowering.lower_jaxpr_to_triton_module = spy
@@ -166,7 +173,8 @@ def compile_module(mod: dict[str, Any], cc: int) -> dict[str, Any]:
     stats = _ptxas_stats(k.asm["ptx"], cc, bindir)
     shared = int(k.metadata.shared)
     return {"ok": shared <= SMEM_LIMIT, "shared_bytes": shared, **stats, "num_warps": mod["num_warps"],
-            "num_stages": mod["num_stages"], "seconds": time.perf_counter() - t0}
+            "num_stages": mod["num_stages"], "atomics_per_trip": mod["atomics_per_trip"], "grid": mod["grid"],
+            "seconds": time.perf_counter() - t0}
 
 
 def run(targets, shape_sets, only="") -> dict[str, dict[str, Any]]:
@@ -188,13 +196,15 @@ def main(argv) -> None:
               f"\"triton==3.6.*\"` (or set DSJAX_TRITON_DIR).", file=sys.stderr)
         sys.exit(2)
     results = run(FLAGS.targets, FLAGS.shapes, FLAGS.cases)
-    print(f"{'kernel':70} {'ok':3} {'smem B':>8} {'regs':>5} {'spill st/ld B':>14} {'warps':>5} {'stages':>6}")
+    print(f"{'kernel':70} {'ok':3} {'smem B':>8} {'regs':>5} {'spill st/ld B':>14} {'warps':>5} {'stages':>6} "
+          f"{'atomics/trip':>12} grid")
     for name, r in results.items():
         if "shared_bytes" not in r:
             print(f"{name:70} NO   {r['error']}")
             continue
         print(f"{name:70} {'ok' if r['ok'] else 'NO':3} {r['shared_bytes']:8d} {r['registers']:5d} "
-              f"{r['spill_store_bytes']:6d}/{r['spill_load_bytes']:<7d} {r['num_warps']:5d} {r['num_stages']:6d}")
+              f"{r['spill_store_bytes']:6d}/{r['spill_load_bytes']:<7d} {r['num_warps']:5d} {r['num_stages']:6d} "
+              f"{r['atomics_per_trip']:12d} {r['grid']}")
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
             json.dump(results, f, indent=1)

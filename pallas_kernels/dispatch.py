@@ -16,10 +16,21 @@ import jax
 BACKENDS = ("xla", "pallas_tpu", "pallas_gpu")
 
 
+def cpu_only() -> bool:
+    """Nothing but CPU can be the lowering target: the default backend is CPU and no non-CPU default device
+    is set. (An AOT compile for TPU from a CPU host sets `jax.default_device(tpu_device)`, which Mosaic's
+    lowering needs anyway to know the chip: experiments/tpu_compile.py and plan.py do.)"""
+    dev = jax.config.jax_default_device
+    return jax.default_backend() == "cpu" and (dev is None or getattr(dev, "platform", dev) == "cpu")
+
+
 def by_platform(*args, default: Callable, tpu: Callable | None = None, gpu: Callable | None = None):
-    """`default(*args)`, or `tpu(*args)` / `gpu(*args)` when the program is lowered for TPU / CUDA."""
+    """`default(*args)`, or `tpu(*args)` / `gpu(*args)` when the program is lowered for TPU / CUDA.
+
+    When only CPU can be the target, the other branches are not traced at all (tracing a kernel costs
+    compile time in every CPU program, and it would be dropped at lowering anyway)."""
     branches = {k: v for k, v in (("tpu", tpu), ("cuda", gpu)) if v is not None}
-    if not branches:
+    if not branches or cpu_only():
         return default(*args)
     return jax.lax.platform_dependent(*args, default=default, **branches)
 

@@ -40,6 +40,7 @@ from dsjax import fp8
 from dsjax.config import Config
 from dsjax.layers import is_fp8, weight
 from dsjax.moe import Routing, experts_ffn, route
+from pallas_kernels.dispatch import cpu_only
 from sharding.mesh import axis_size
 from sharding.rules import RULES, logical_to_spec, spec_size
 
@@ -227,7 +228,9 @@ def make_dispatch(mesh: Mesh, impl: str | None = None,
                              "multiples of 128, or the bf16 numerics.")
         specs, split = _expert_specs(experts, mesh, config.fp8_weight_block or fp8.BLOCK)
         local_fn = functools.partial(_dispatch_local, config=config, ep=ep, tp=tp, split=split, chunk=chunk)
-        if impl is None:
+        if impl is None and cpu_only():
+            body = functools.partial(local_fn, impl="padded")
+        elif impl is None:
             def body(*a):
                 return jax.lax.platform_dependent(*a, cpu=functools.partial(local_fn, impl="padded"),
                                                   default=functools.partial(local_fn, impl="ragged"))

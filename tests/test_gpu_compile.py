@@ -47,6 +47,8 @@ def test_every_gpu_kernel_fits_h100_h200_b200(tmp_path):
             assert f"{cc} {kernel}" in names, (cc, kernel)
     for name, r in res.items():  # every kernel reports its registers (ptxas -v ran)
         assert r["registers"] > 0, name
+        # only the backward scatters (dK/dV atomics); the forward kernels own their outputs
+        assert (r["atomics_per_trip"] > 0) == ("sparse_mla_bwd_gpu" in name), (name, r["atomics_per_trip"])
 
 
 def test_the_check_rejects_the_64_head_backward(tmp_path):
