@@ -225,7 +225,14 @@ def main(argv):
     with device_ctx:
         lowered = jax.jit(step, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=donate).lower(*args)
         t1 = time.time()
-        compiled = lowered.compile()
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            # XLA:TPU refuses a program whose buffers exceed the chip's HBM: that is this plan's answer
+            print(f"does not fit: {str(e).splitlines()[0].split('RESOURCE_EXHAUSTED: ')[-1]}")
+            sys.exit(1)
     t2 = time.time()
     mem = compiled.memory_analysis()
     rows = [(name, per_device_bytes(args[i], in_sh[i])) for name, i in cats.items()]
