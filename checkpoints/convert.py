@@ -25,12 +25,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from checkpoints import cli, orbax_io
+from checkpoints import orbax_io
 from checkpoints.hf_load import check_checkpoint, read_config, read_matrix, read_scale
 from checkpoints.hf_names import (SCALE_SUFFIX, Target, block_shape, get_spec, hf_shape, leaf_paths,
                                   matrix_shape, row_block_slices, row_blocks, transpose)
 from checkpoints.safetensors_io import CheckpointError, CheckpointReader, check_finite
-from dsjax import fp8
+from dsjax import cli, fp8
 from dsjax.config import Config
 from dsjax.params import ParamSpec, param_dtype, param_specs
 
@@ -245,13 +245,10 @@ def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
 
-    def job() -> str:
-        convert(f.hf_dir, f.out_dir, dtype=f.dtype, keep_fp8=f.keep_fp8, overwrite=f.overwrite, threads=f.threads,
-                inflight_mb=f.inflight_mb, chunk_mb=f.chunk_mb, compress=f.compress,
-                allow_nonfinite=f.allow_nonfinite)
-        return f"wrote {os.path.abspath(f.out_dir)}"
-
-    cli.run("convert", job)
+    convert(f.hf_dir, f.out_dir, dtype=f.dtype, keep_fp8=f.keep_fp8, overwrite=f.overwrite, threads=f.threads,
+            inflight_mb=f.inflight_mb, chunk_mb=f.chunk_mb, compress=f.compress,
+            allow_nonfinite=f.allow_nonfinite)
+    print(f"wrote {os.path.abspath(f.out_dir)}")
 
 
 def _define_flags() -> None:
@@ -270,7 +267,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     _define_flags()
-    app.run(main)
+    cli.run(main, "checkpoints.convert")

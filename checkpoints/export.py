@@ -25,16 +25,17 @@ import json
 import math
 import os
 import shutil
+import threading
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from checkpoints import cli, model_dir, orbax_io
+from checkpoints import diskspace, integrity, model_dir, orbax_io
 from checkpoints.hf_names import (SCALE_SUFFIX, fp8_quantization_config, get_spec, hf_shape, hf_table,
                                   row_block_slices, row_blocks, to_hf, transpose)
 from checkpoints.restore import config_from_marker, save
 from checkpoints.safetensors_io import CheckpointError, SafetensorsWriter, check_finite
-from dsjax import fp8
+from dsjax import cli, fp8
 from dsjax.config import Config
 from dsjax.params import param_dtype, param_specs
 
@@ -56,21 +57,59 @@ class _Entry:
 
 
 class _Arrays:
-    """Stored arrays of a checkpoint, opened on first use."""
+    """Stored arrays of a checkpoint, opened on first use. Every block read adds to its array's checksum,
+    so `verify` checks what was exported without reading it again."""
 
-    def __init__(self, ckpt_dir: str):
+    def __init__(self, ckpt_dir: str, block_bytes: int):
         import orbax.checkpoint as ocp
 
-        self.dir, self._open = ckpt_dir, {}
+        self.dir, self._open, self._block_bytes = ckpt_dir, {}, block_bytes
         self._context = ocp.type_handlers.get_ts_context()
+        self._lock = threading.Lock()
+        self._sums: dict[str, list[str]] = collections.defaultdict(list)
+        self._counts: collections.Counter = collections.Counter()
 
     def __call__(self, name: str):
-        if name not in self._open:
-            self._open[name] = orbax_io.open_array(self.dir, name, self._context)
-        return self._open[name]
+        with self._lock:
+            if name not in self._open:
+                self._open[name] = orbax_io.open_array(self.dir, name, self._context)
+            return self._open[name]
 
     def read(self, name: str, index: tuple[Any, ...]) -> np.ndarray:
-        return np.asarray(self(name)[index].read().result())
+        t = self(name)
+        with orbax_io.storage_errors(f"{self.dir} (array {name})"):
+            a = np.asarray(t[index].read().result())
+        check = integrity.block_checksum(a, index, t.shape)
+        with self._lock:
+            self._sums[name].append(check)
+            self._counts[name] += a.size
+        return a
+
+    def _full_checksum(self, name: str) -> str:
+        """Checksum of a whole stored array, read in blocks of leading indices (~block_bytes each)."""
+        t = self(name)
+        shape = tuple(t.shape)
+        row = math.prod(shape[1:]) * t.dtype.numpy_dtype.itemsize if shape else 1
+        step = max(1, self._block_bytes // max(row, 1))
+        parts = []
+        with orbax_io.storage_errors(f"{self.dir} (array {name})"):
+            for i in range(0, shape[0] if shape else 1, step):
+                index = (slice(i, min(i + step, shape[0])),) if shape else ()
+                parts.append(integrity.block_checksum(np.asarray(t[index].read().result()), index, shape))
+        return integrity.combine(parts)
+
+    def verify(self, checksums: dict[str, str]) -> None:
+        """Every array read must match its recorded checksum; one CheckpointError naming the first that does
+        not. Arrays read in overlapping or partial blocks are checked with one more read of their own."""
+        for name, want in sorted(checksums.items()):
+            if name not in self._sums:
+                continue
+            t = self(name)
+            got = integrity.combine(self._sums[name]) if self._counts[name] == math.prod(t.shape) else None
+            if got != want and self._full_checksum(name) != want:
+                raise CheckpointError(f"{self.dir} is damaged: array {name} does not match the checksum written with "
+                                      f"it (its data files were changed after the save); nothing was exported. "
+                                      f"{orbax_io.REDO}")
 
 
 def _entries(config: Config, marker: dict[str, Any], arrays: _Arrays, dtype: str | None, keep_fp8: bool,
@@ -212,25 +251,33 @@ def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: st
     os.makedirs(part)
     open(os.path.join(part, _OURS), "w").close()
 
-    arrays = _Arrays(ckpt_dir)
+    arrays = _Arrays(ckpt_dir, block_bytes)
     kept = keep_fp8 and bool(marker.get("fp8_leaves"))
     entries = _entries(config, marker, arrays, dtype, keep_fp8, block_bytes)
+    diskspace.require_free(part, sum(e.nbytes for e in entries), f"exporting to {out}")
     shards = _shards(entries, max_shard_mb << 20)
     n = len(shards)
     weight_map, paths = {}, []
     bar = tqdm(total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, desc="export", disable=not progress,
                mininterval=1.0)
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            names = [e.name for e in shard for _ in e.blocks]
-            with SafetensorsWriter(os.path.join(part, fname), [(e.name, e.dtype, e.shape) for e in shard]) as w:
-                for name, block in zip(names, _prefetched((f for e in shard for f in e.blocks), pool, 2 * threads)):
-                    w.write(name, block if allow_nonfinite else check_finite(name, block, f"in {ckpt_dir}"))
-                    bar.update(block.nbytes)
-            weight_map.update({e.name: fname for e in shard})
-            paths.append(os.path.join(out, fname))
-    bar.close()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                names = [e.name for e in shard for _ in e.blocks]
+                with SafetensorsWriter(os.path.join(part, fname), [(e.name, e.dtype, e.shape) for e in shard]) as w:
+                    for name, block in zip(names, _prefetched((f for e in shard for f in e.blocks), pool,
+                                                              2 * threads)):
+                        w.write(name, block if allow_nonfinite else check_finite(name, block, f"in {ckpt_dir}"))
+                        bar.update(block.nbytes)
+                weight_map.update({e.name: fname for e in shard})
+                paths.append(os.path.join(out, fname))
+    except CheckpointError:
+        arrays.verify(marker.get("checksums", {}))  # damaged data (e.g. NaNs from flipped bits) is named as such
+        raise
+    finally:
+        bar.close()
+    arrays.verify(marker.get("checksums", {}))
     index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
     with open(os.path.join(part, "model.safetensors.index.json"), "w") as f:
         json.dump(index, f, indent=2)
@@ -273,16 +320,13 @@ def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
 
-    def job() -> str:
-        paths = export(f.ckpt_dir, f.out_dir, dtype=f.dtype, keep_fp8=f.keep_fp8, max_shard_mb=f.max_shard_mb,
-                       overwrite=f.overwrite, threads=f.threads, allow_nonfinite=f.allow_nonfinite)
-        return f"wrote {len(paths)} shards to {os.path.abspath(f.out_dir)}"
-
-    cli.run("export", job)
+    paths = export(f.ckpt_dir, f.out_dir, dtype=f.dtype, keep_fp8=f.keep_fp8, max_shard_mb=f.max_shard_mb,
+                   overwrite=f.overwrite, threads=f.threads, allow_nonfinite=f.allow_nonfinite)
+    print(f"wrote {len(paths)} shards to {os.path.abspath(f.out_dir)}")
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
 
     flags.DEFINE_string("ckpt_dir", None, "dsjax model: a converted checkpoint or a training run (workdir, "
                         "checkpoints/ or checkpoints/<step>).", required=True)
@@ -294,4 +338,4 @@ if __name__ == "__main__":
     flags.DEFINE_bool("overwrite", False, "Replace an existing --out_dir.")
     flags.DEFINE_integer("threads", 2, "Blocks read ahead in parallel.")
     flags.DEFINE_bool("allow_nonfinite", False, "Export tensors holding NaN / Inf (default: refuse them).")
-    app.run(main)
+    cli.run(main, "checkpoints.export")

@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from checkpoints import orbax_io
+from checkpoints import integrity, orbax_io
 from checkpoints.hf_load import load_hf
-from checkpoints.restore import load_converted
+from checkpoints.restore import config_from_marker, load_converted
 from checkpoints.safetensors_io import CheckpointError
 from dsjax import lora as lora_lib, parallel as parallel_lib
 from dsjax.config import Config
@@ -113,16 +113,36 @@ def _only_latest(md: ModelDir, step: int | None) -> ModelDir:
     return md
 
 
+def read_config(path: str | os.PathLike, step: int | None = None) -> Config:
+    """The model Config of any dsjax model on disk, from its metadata alone (no weights read)."""
+    md = resolve(path, step)
+    if md.kind == "converted":
+        return config_from_marker(orbax_io.read_marker(md.path, check_files=False))
+    if md.kind == "hf":
+        return Config.from_hf(md.path)
+    return Config.from_dict(read_meta(md.path, md.step)["config"])
+
+
 def read_meta(train_dir: str, step: int) -> dict[str, Any]:
     """The metadata JSON a training step recorded (config, stage, LoRA settings, where the run started)."""
     with open(os.path.join(train_dir, str(step), "meta", "metadata"), encoding="utf-8") as f:
         return json.load(f)
 
 
-def _read_state(train_dir: str, step: int) -> dict[str, Any]:
+_WEIGHTS = ("params/", "params_trained/", "lora/")  # the state leaves a model is made of
+
+
+def _read_state(train_dir: str, step: int, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """A training step's saved state (plain tree); its weights checked against the checksums saved with them."""
     state_dir = os.path.join(train_dir, str(step), "state")
-    with ocp.StandardCheckpointer() as ck:
-        return ck.restore(state_dir)
+    with orbax_io.storage_errors(state_dir), ocp.StandardCheckpointer() as ck:
+        state = ck.restore(state_dir)
+    weights = {n: x for n, x in integrity.by_name(state).items() if n.startswith(_WEIGHTS)}
+    bad = integrity.mismatches(meta.get("checksums", {}), integrity.device_checksums(weights))
+    if bad:
+        raise CheckpointError(f"{state_dir} is damaged: array {bad[0]} does not match the checksum written with it. "
+                              "Pass an earlier step (checkpoints/<step>) or re-train from an intact one.")
+    return state
 
 
 def _combine(tree: Mapping[str, Any], part: Mapping[str, Any]) -> dict[str, Any]:
@@ -136,7 +156,7 @@ def _combine(tree: Mapping[str, Any], part: Mapping[str, Any]) -> dict[str, Any]
 def _training_params(md: ModelDir) -> tuple[Config, Any]:
     meta = read_meta(md.path, md.step)
     config = Config.from_dict(meta["config"])
-    state = _read_state(md.path, md.step)
+    state = _read_state(md.path, md.step, meta)
     params = state.get("params")
     if params is None:  # a LoRA run's checkpoint: its frozen base comes from where that run started
         params = _combine(_lora_base(meta, config), state.get("params_trained", {}))

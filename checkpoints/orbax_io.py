@@ -3,7 +3,8 @@
 A checkpoint directory `O` is an ordinary Orbax PyTree checkpoint (tensorstore zarr arrays in an OCDBT
 database; `ocp.PyTreeCheckpointer` / `ocp.StandardCheckpointer` restore it) of the params tree, plus
 
-    O/dsjax_checkpoint.json   the completion marker: format, HF config, dtypes, which leaves are FP8
+    O/dsjax_checkpoint.json   the completion marker: format, HF config, dtypes, which leaves are FP8,
+                              a checksum per array and the size of every file (checkpoints/integrity.py)
     O/hf_assets/              tokenizer and other small files of the source HF directory (convert only)
 
 Each array is stored under its tree path joined by dots ("moe.attn.wq_b"; an FP8 leaf as
@@ -16,19 +17,25 @@ accepts a directory holding the marker, so a killed writer never leaves an `O` t
 Streaming: a `StreamedArray` leaf is produced block by block (e.g. one expert matrix at a time) by
 `StreamedArrayHandler`, an Orbax `TypeHandler` that writes each block into its slice of the zarr array,
 committing them in transactions of ~inflight_bytes/6 (one being read while the previous one commits).
-Every committed block is journaled in `O.partial`, so a rerun after a crash skips what is on disk.
+Every committed block is journaled in `O.partial` with its checksum, so a rerun after a crash skips what
+is on disk and still knows every array's checksum.
+
+Integrity: `read_marker` refuses a checkpoint whose files are missing or truncated (naming the file);
+`check_arrays` refuses restored arrays whose checksums differ from the recorded ones (naming the array);
+`restore` turns any storage error into one CheckpointError.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
-from typing import Any, Callable, Iterable, Mapping, Sequence, TextIO
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TextIO
 
 import jax
 import numpy as np
@@ -36,6 +43,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
+from checkpoints import diskspace, integrity
 from checkpoints.safetensors_io import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -92,9 +100,10 @@ class StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
     Orbax restore reads them; the value type is recorded as "np.ndarray".
     """
 
-    def __init__(self, *, done: set[str], journal: TextIO | None, threads: int, inflight_bytes: int,
-                 chunk_bytes: int, progress: bool):
+    def __init__(self, *, done: dict[str, tuple[str, str]], journal: TextIO | None, threads: int,
+                 inflight_bytes: int, chunk_bytes: int, progress: bool):
         super().__init__()
+        # done: block key -> (array name, block checksum), committed ones; grows as blocks commit
         self._done, self._journal = done, journal
         self._threads, self._inflight, self._chunk_bytes = threads, inflight_bytes, chunk_bytes
         self._progress = progress
@@ -120,8 +129,9 @@ class StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
         from tqdm.auto import tqdm
 
         stores = [await self._open(v, info) for v, info in zip(values, infos)]
-        todo = [(t, b) for t, v in zip(stores, values) for b in v.blocks if b.key not in self._done]
-        bar = tqdm(total=sum(b.out_bytes for _, b in todo), unit="B", unit_scale=True, desc="writing",
+        todo = [(t, b, v, info.name) for t, v, info in zip(stores, values, infos) for b in v.blocks
+                if b.key not in self._done]
+        bar = tqdm(total=sum(x[1].out_bytes for x in todo), unit="B", unit_scale=True, desc="writing",
                    disable=not self._progress, mininterval=1.0)
         loop = asyncio.get_running_loop()
         committing: asyncio.Future | None = None
@@ -134,16 +144,19 @@ class StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
                     # the OCDBT data file being encoded), hence batches of inflight/6.
                     txn = ts.Transaction()
 
-                    async def stage(t: ts.TensorStore, b: Block, txn: ts.Transaction = txn) -> None:
+                    async def stage(t: ts.TensorStore, b: Block, v: StreamedArray, name: str,
+                                    txn: ts.Transaction = txn) -> tuple[Block, str, str]:
                         a = await loop.run_in_executor(pool, b.produce)
+                        check = await loop.run_in_executor(pool, integrity.block_checksum, a, b.index, v.shape)
                         # Referenced, not copied, until the transaction has committed it.
                         await t.with_transaction(txn)[b.index].write(
                             a, can_reference_source_data_indefinitely=True).copy
+                        return b, name, check
 
-                    await asyncio.gather(*(stage(t, b) for t, b in batch))
+                    staged = await asyncio.gather(*(stage(*x) for x in batch))
                     if committing is not None:
                         await committing
-                    committing = asyncio.ensure_future(self._commit(txn, [b for _, b in batch], bar))
+                    committing = asyncio.ensure_future(self._commit(txn, staged, bar))
                 if committing is not None:
                     await committing
                     committing = None
@@ -152,15 +165,24 @@ class StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
                 await asyncio.gather(committing, return_exceptions=True)
             bar.close()
 
-    async def _commit(self, txn: ts.Transaction, blocks: list[Block], bar: Any) -> None:
+    async def _commit(self, txn: ts.Transaction, staged: list[tuple[Block, str, str]], bar: Any) -> None:
         await txn.commit_async()
+        for b, name, check in staged:
+            self._done[b.key] = (name, check)
         if self._journal is not None:
-            self._journal.write("".join(b.key + "\n" for b in blocks))
+            self._journal.write("".join(f"{b.key}\t{name}\t{check}\n" for b, name, check in staged))
             self._journal.flush()
-        bar.update(sum(b.out_bytes for b in blocks))
+        bar.update(sum(b.out_bytes for b, _, _ in staged))
+
+    def checksums(self) -> dict[str, str]:
+        """Array name -> checksum, from every committed block (this run's and the journaled ones)."""
+        parts: dict[str, list[str]] = {}
+        for name, check in self._done.values():
+            parts.setdefault(name, []).append(check)
+        return {n: integrity.combine(p) for n, p in parts.items()}
 
 
-def _batches(todo: list[tuple[Any, Block]], limit: int) -> list[list[tuple[Any, Block]]]:
+def _batches(todo: list[tuple[Any, ...]], limit: int) -> list[list[tuple[Any, ...]]]:
     """Consecutive blocks grouped into batches of at most `limit` output bytes (big blocks alone)."""
     out: list[list[tuple[Any, Block]]] = []
     size = 0
@@ -205,11 +227,12 @@ def _check_target(out: epath.Path, overwrite: bool) -> None:
 
 
 def _commit(part: epath.Path, out: epath.Path, marker: Mapping[str, Any], overwrite: bool) -> None:
-    """Marker last, then rename O.partial -> O (replacing an old O only now that the new one is whole)."""
+    """Marker last (with the manifest of every other file), then rename O.partial -> O (replacing an old O
+    only now that the new one is whole)."""
     for name in (_STATE, JOURNAL):
         if (part / name).exists():
             (part / name).unlink()
-    _write_json(part / MARKER, dict(marker))
+    _write_json(part / MARKER, dict(marker, files=integrity.manifest(part, exclude=(MARKER,))))
     _check_target(out, overwrite)
     move_into_place(part, out)
 
@@ -230,13 +253,24 @@ def move_into_place(part: str | os.PathLike, out: str | os.PathLike) -> None:
         shutil.rmtree(old)
 
 
-def _open_partial(out: epath.Path, state: Mapping[str, Any]) -> tuple[epath.Path, set[str]]:
-    """Create O.partial, or reopen it to resume the same job; returns (dir, keys already committed)."""
+def _read_journal(path: epath.Path) -> dict[str, tuple[str, str]]:
+    """block key -> (array name, checksum) of the committed blocks a journal lists."""
+    done = {}
+    for line in path.read_text().splitlines() if path.exists() else ():
+        key, name, check = (line.split("\t") + ["", ""])[:3]
+        if name and len(check) == 16:  # a line cut short by a kill: that block is simply rewritten
+            done[key] = (name, check)
+    return done
+
+
+def _open_partial(out: epath.Path, state: Mapping[str, Any]) -> tuple[epath.Path, dict[str, tuple[str, str]] | None]:
+    """Create O.partial, or reopen it to resume the same job; returns (dir, blocks already committed),
+    blocks None when O.partial is complete (only its rename is left)."""
     part = partial_dir(out)
     if part.exists():
         contents = set(os.listdir(part))
         if MARKER in contents:
-            return part, {"*complete*"}
+            return part, None
         prev = None
         if _STATE in contents:
             try:
@@ -244,7 +278,7 @@ def _open_partial(out: epath.Path, state: Mapping[str, Any]) -> tuple[epath.Path
             except (OSError, json.JSONDecodeError):
                 prev = None
         if prev == dict(state):
-            done = set((part / JOURNAL).read_text().splitlines()) if (part / JOURNAL).exists() else set()
+            done = _read_journal(part / JOURNAL)
             log.warning("resuming the interrupted write in %s (%d blocks already committed)", part, len(done))
             return part, done
         if contents and _STATE not in contents:
@@ -254,7 +288,7 @@ def _open_partial(out: epath.Path, state: Mapping[str, Any]) -> tuple[epath.Path
         shutil.rmtree(part)
     part.mkdir(parents=True)
     _write_json(part / _STATE, dict(state))
-    return part, set()
+    return part, {}
 
 
 def write_streamed(out_dir: str | os.PathLike, tree: Any, marker: Mapping[str, Any], *, state: Mapping[str, Any],
@@ -271,22 +305,28 @@ def write_streamed(out_dir: str | os.PathLike, tree: Any, marker: Mapping[str, A
     out = epath.Path(os.path.abspath(os.fspath(out_dir)))
     _check_target(out, overwrite)
     part, done = _open_partial(out, state)
-    if "*complete*" not in done:
-        with open(part / JOURNAL, "a") as journal:
-            handler = StreamedArrayHandler(done=done, journal=journal, threads=threads,
-                                           inflight_bytes=inflight_bytes, chunk_bytes=chunk_bytes,
-                                           progress=progress)
-            registry = ocp.type_handlers.create_type_handler_registry(
-                (StreamedArray, handler), (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
-            h = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=compress)
-            h.save(part, args=ocp.args.PyTreeSave(tree))
-            h.finalize(part)
-        assets = list(assets)
-        if assets:
-            (part / ASSETS).mkdir(exist_ok=True)
-            for a in assets:
-                shutil.copy2(a, part / ASSETS / os.path.basename(a))
-    _commit(part, out, marker, overwrite)
+    if done is None:  # written and marked by a run killed before its rename: only that is left
+        move_into_place(part, out)
+        return
+    todo = sum(b.out_bytes for _, v in tree_paths(tree) if isinstance(v, StreamedArray) for b in v.blocks
+               if b.key not in done)
+    diskspace.require_free(part, todo, f"writing {out}")
+    with open(part / JOURNAL, "a") as journal:
+        handler = StreamedArrayHandler(done=done, journal=journal, threads=threads, inflight_bytes=inflight_bytes,
+                                       chunk_bytes=chunk_bytes, progress=progress)
+        registry = ocp.type_handlers.create_type_handler_registry(
+            (StreamedArray, handler), (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
+        h = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=compress)
+        h.save(part, args=ocp.args.PyTreeSave(tree))
+        h.finalize(part)
+    assets = list(assets)
+    if assets:
+        (part / ASSETS).mkdir(exist_ok=True)
+        for a in assets:
+            shutil.copy2(a, part / ASSETS / os.path.basename(a))
+    plain = {leaf_name(p): x for p, x in tree_paths(tree) if not isinstance(x, StreamedArray)}
+    checks = {**(integrity.device_checksums(plain) if plain else {}), **handler.checksums()}
+    _commit(part, out, dict(marker, checksums=checks), overwrite)
 
 
 def write_arrays(out_dir: str | os.PathLike, tree: Any, marker: Mapping[str, Any], *, overwrite: bool = False
@@ -298,6 +338,10 @@ def write_arrays(out_dir: str | os.PathLike, tree: Any, marker: Mapping[str, Any
     out = epath.Path(os.path.abspath(os.fspath(out_dir)))
     part = partial_dir(out)
     primary = jax.process_index() == 0
+    named = {leaf_name(p): x for p, x in tree_paths(tree)}
+    marker = dict(marker, checksums=integrity.device_checksums(named))  # global values: every process agrees
+    diskspace.require_free(out.parent, sum(x.nbytes for x in named.values()) // jax.process_count(),
+                           f"saving {out}")
     if primary:
         _check_target(out, overwrite)
         if part.exists():
@@ -321,8 +365,9 @@ def _sync(name: str) -> None:
 
 
 # --------------------------------------------------------------------------- reading
-def read_marker(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
-    """The marker of a complete dsjax checkpoint; one clear CheckpointError otherwise."""
+def read_marker(ckpt_dir: str | os.PathLike, check_files: bool = True) -> dict[str, Any]:
+    """The marker of a complete dsjax checkpoint; one clear CheckpointError otherwise (also for a missing or
+    truncated file, unless check_files=False: reading only the metadata)."""
     d = epath.Path(os.path.abspath(os.fspath(ckpt_dir)))
     if not d.is_dir():
         if partial_dir(d).exists():
@@ -340,12 +385,30 @@ def read_marker(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{d}: checkpoint format {marker.get('format')!r}, this dsjax reads {FORMAT!r}.")
     if not (d / _ORBAX_METADATA).exists():
         raise CheckpointError(f"{d}: the Orbax metadata ({_ORBAX_METADATA}) is missing; the checkpoint is damaged.")
+    problem = integrity.manifest_problem(d, marker.get("files", {}) if check_files else {})
+    if problem:
+        raise CheckpointError(f"{d} is damaged: {problem}. {REDO}")
     return marker
+
+
+REDO = "Re-create it (rerun the convert / save / export that wrote it) or restore it from a copy."
+
+
+def check_arrays(ckpt_dir: str | os.PathLike, marker: Mapping[str, Any], named: Mapping[str, Any]) -> None:
+    """Compare the checksums of restored arrays (`named`: orbax leaf name -> array, in their stored dtype)
+    with the ones recorded at save; one CheckpointError naming the first array that differs."""
+    stored = marker.get("checksums", {})
+    bad = integrity.mismatches(stored, integrity.device_checksums({n: named[n] for n in stored if n in named}))
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{ckpt_dir} is damaged: array {bad[0]}{more} does not match the checksum written with "
+                              f"it (its data files under {ckpt_dir} were changed after the save). {REDO}")
 
 
 def stored_shapes(ckpt_dir: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """name -> (shape, dtype) of every array in the checkpoint, from Orbax's metadata (no data read)."""
-    meta = ocp.PyTreeCheckpointer().metadata(epath.Path(os.path.abspath(os.fspath(ckpt_dir))))
+    with storage_errors(os.fspath(ckpt_dir)):  # (also keeps Orbax's "no _CHECKPOINT_METADATA" warning quiet)
+        meta = ocp.PyTreeCheckpointer().metadata(epath.Path(os.path.abspath(os.fspath(ckpt_dir))))
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
     out = {}
@@ -361,7 +424,35 @@ def restore(ckpt_dir: str | os.PathLike, abstract: Any) -> Any:
     """
     d = epath.Path(os.path.abspath(os.fspath(ckpt_dir)))
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-    return ocp.PyTreeCheckpointer().restore(d, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
+    with storage_errors(f"{d}"):
+        return ocp.PyTreeCheckpointer().restore(d, args=ocp.args.PyTreeRestore(item=abstract,
+                                                                                restore_args=restore_args))
+
+
+@contextlib.contextmanager
+def storage_errors(what: str, hint: str = REDO) -> Iterator[None]:
+    """Any error Orbax / tensorstore raise while reading `what` becomes one CheckpointError (their
+    log lines are held back: a missing chunk otherwise prints hundreds of lines)."""
+    loggers = [logging.getLogger(n) for n in ("absl", "orbax", "orbax.checkpoint")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError / OSError / its own kinds
+        raise CheckpointError(f"{what} is damaged: its data cannot be read ({_first_line(e)}). {hint}") from None
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _first_line(e: BaseException) -> str:
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    text = (str(e) or type(e).__name__).strip().splitlines()[0]
+    return text if len(text) <= 240 else text[:237] + "..."
 
 
 def open_array(ckpt_dir: str | os.PathLike, name: str, context: ts.Context | None = None) -> ts.TensorStore:

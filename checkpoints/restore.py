@@ -142,9 +142,15 @@ def load_converted(ckpt_dir: str | os.PathLike, parallel: Parallelism | None = N
     config = config_from_marker(marker, dtype)
     if shardings is None:
         shardings = _default_shardings(config, parallel)
-    abstract = abstract_checkpoint(config, marker.get("fp8_leaves", []), shardings)
+    fp8_leaves = marker.get("fp8_leaves", [])
+    abstract = abstract_checkpoint(config, fp8_leaves, shardings)
     _check_stored(ckpt_dir, abstract)
-    return config, orbax_io.restore(ckpt_dir, abstract)
+    # Restored as stored, so that every array can be checked against its checksum, then cast leaf by leaf.
+    stored = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, s.dtype, sharding=a.sharding), abstract,
+                          abstract_checkpoint(config_from_marker(marker), fp8_leaves))
+    params = orbax_io.restore(ckpt_dir, stored)
+    orbax_io.check_arrays(ckpt_dir, marker, {orbax_io.leaf_name(p): x for p, x in orbax_io.tree_paths(params)})
+    return config, jax.tree.map(lambda x, a: x if x.dtype == a.dtype else x.astype(a.dtype), params, abstract)
 
 
 def save(ckpt_dir: str | os.PathLike, params: Any, config: Config, *, overwrite: bool = False) -> None:

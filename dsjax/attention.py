@@ -171,6 +171,8 @@ def _attend_with_indexer_loss(q: Queries, kv: Latents, config: Config, mode: str
 
     "dense_warmup": dense causal attention for every query, KL over all causal keys. "sparse": DSA top-k
     attention as in `attend`, KL over the selected keys (all causal keys when they fit in the top-k).
+    "dense_recall" (evaluation): dense attention, and in place of the loss the indexer's top-k recall of the
+    attention's top-k (`indexer_loss.dense_recall`).
     """
     c = config
     vis = visibility_in_place(q.q_abs, q_positions=positions, k_positions=positions, q_segment_ids=segment_ids,
@@ -189,6 +191,10 @@ def _attend_with_indexer_loss(q: Queries, kv: Latents, config: Config, mode: str
     with jax.named_scope("dense_mla"):
         o_lat = pallas_kernels.dense_mla(*tgt, scale=c.softmax_scale, backend=c.attention_backend,
                                          interpret=c.kernel_interpret, **vis)
+    if mode == "dense_recall":  # evaluation: the indexer's top-k recall of the dense attention's top-k
+        with jax.named_scope("indexer_recall"):
+            return o_lat, indexer_loss_lib.dense_recall(*ind, *tgt, scale=c.softmax_scale, topk=c.index_topk,
+                                                        **vis)
     with jax.named_scope("indexer_kl"):
         return o_lat, indexer_loss_lib.dense_kl(*ind, *tgt, scale=c.softmax_scale, **vis)
 

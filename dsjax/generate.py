@@ -248,6 +248,38 @@ def _stop_array(stop_tokens: Any, n: int, vocab: int) -> np.ndarray:
     return np.array([list(r) + [-1] * (width - len(r)) for r in rows], np.int32)
 
 
+def check_request(config: Config, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
+                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                  stop_tokens: Sequence[int] | Sequence[Sequence[int]] = (), max_len: int | None = None,
+                  prefill_chunk: int = 512) -> tuple[list[np.ndarray], Any, list[int], np.ndarray, int]:
+    """Validate a generation request against the model config alone (no weights needed, so a CLI can refuse
+    a bad prompt or flag before loading 700 GB). Returns (prompt rows, sampling, max_new per prompt, stop-token
+    array, length limit); raises ValueError naming the problem.
+    """
+    c = config
+    rows = _check_prompts(prompts, c)
+    b = len(rows)
+    num = lambda x: float(x) if isinstance(x, numbers.Real) and not isinstance(x, bool) else x  # noqa: E731
+    top_k = int(top_k) if isinstance(top_k, np.integer) else top_k
+    sp = sampling.Sampling(num(temperature), num(top_p), top_k).check(c.vocab_size)
+    max_new = _per_prompt(max_new_tokens, b, "max_new_tokens")
+    for i, m in enumerate(max_new):
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+            raise ValueError(f"max_new_tokens={m!r} (prompt {i}): must be an integer >= 1.")
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk={prefill_chunk}: must be >= 1.")
+    lens = np.array([len(r) for r in rows], np.int32)
+    limit = c.max_position_embeddings if max_len is None else min(int(max_len), c.max_position_embeddings)
+    for i in range(b):
+        if lens[i] + max_new[i] > limit:
+            what = "max_len" if max_len is not None and max_len < c.max_position_embeddings \
+                else "max_position_embeddings"
+            raise ValueError(f"prompt {i}: {lens[i]} prompt tokens + max_new_tokens={max_new[i]} = "
+                             f"{lens[i] + max_new[i]} exceeds {what}={limit}; shorten the prompt or "
+                             "lower max_new_tokens.")
+    return rows, sp, max_new, _stop_array(stop_tokens, b, c.vocab_size), limit
+
+
 def generate_with_stats(params: Params, config: Config, prompts: Sequence[Sequence[int]], *,
                         max_new_tokens: int | Sequence[int], temperature: float = 0.0, top_p: float = 1.0,
                         top_k: int = 0, seed: int = 0, stop_tokens: Sequence[int] | Sequence[Sequence[int]] = (),
@@ -262,31 +294,15 @@ def generate_with_stats(params: Params, config: Config, prompts: Sequence[Sequen
     """
     c = config
     parallel_lib.check(parallel, c)
-    rows = _check_prompts(prompts, c)
-    b = len(rows)
-    num = lambda x: float(x) if isinstance(x, numbers.Real) and not isinstance(x, bool) else x
-    top_k = int(top_k) if isinstance(top_k, np.integer) else top_k
-    sp = sampling.Sampling(num(temperature), num(top_p), top_k).check(c.vocab_size)
-    max_new = _per_prompt(max_new_tokens, b, "max_new_tokens")
-    for i, m in enumerate(max_new):
-        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
-            raise ValueError(f"max_new_tokens={m!r} (prompt {i}): must be an integer >= 1.")
     if mtp and "mtp" not in params:
         raise ValueError("mtp=True needs params with an MTP module (num_nextn_predict_layers=1 and MTP weights "
                          "loaded); HF-transformers checkpoints do not save it.")
-    if prefill_chunk < 1:
-        raise ValueError(f"prefill_chunk={prefill_chunk}: must be >= 1.")
+    rows, sp, max_new, stop, limit = check_request(
+        c, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        stop_tokens=stop_tokens, max_len=max_len, prefill_chunk=prefill_chunk)
+    b = len(rows)
     lens = np.array([len(r) for r in rows], np.int32)
-    limit = c.max_position_embeddings if max_len is None else min(int(max_len), c.max_position_embeddings)
-    for i in range(b):
-        if lens[i] + max_new[i] > limit:
-            what = "max_len" if max_len is not None and max_len < c.max_position_embeddings \
-                else "max_position_embeddings"
-            raise ValueError(f"prompt {i}: {lens[i]} prompt tokens + max_new_tokens={max_new[i]} = "
-                             f"{lens[i] + max_new[i]} exceeds {what}={limit}; shorten the prompt or "
-                             "lower max_new_tokens.")
     s_max = limit if max_len is not None else cache_length(int(np.max(lens + np.array(max_new))), c)
-    stop = _stop_array(stop_tokens, b, c.vocab_size)
 
     # Prompt bucket, split into equal chunks so one compiled prefill serves them all.
     chunk = min(bucket(int(lens.max()), MIN_BUCKET), prefill_chunk, s_max)

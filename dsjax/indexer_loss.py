@@ -28,7 +28,7 @@ import pallas_kernels
 from pallas_kernels import reference as R
 
 F32 = jnp.float32
-MODES = ("dense_warmup", "sparse")
+MODES = ("dense_warmup", "sparse", "dense_recall")  # the last one is an evaluation, not a loss
 _sg = jax.lax.stop_gradient
 
 
@@ -233,3 +233,43 @@ def sparse_kl(q, w, k, q_nope, q_rope, kv_nope, k_rope, indices, *, scale: float
     c = chunk_size or R.auto_chunk(t, row, 256)
     qn, qr, kvn, kr = target
     return _kl("sparse", float(scale), int(c), q, w, k, (qn, qr, indices, _sg(lse).astype(F32)), (kvn, kr))
+
+
+def dense_recall(q, w, k, q_nope, q_rope, kv_nope, k_rope, *, scale: float, topk: int, q_positions,
+                 k_positions=None, q_segment_ids=None, k_segment_ids=None, chunk_size: int | None = None
+                 ) -> jax.Array:
+    """How well the indexer picks what the attention would: for each query with more than `topk` visible
+    keys, the fraction of the indexer's top-`topk` keys that are among the `topk` keys of highest
+    head-summed attention probability (the target of `dense_kl`). Mean over those queries (f32 scalar;
+    0 when no query has more than `topk` keys). Inputs as `dense_kl`; no gradient. Chunked like it: the
+    probabilities of [B, c, S] keys exist one query chunk at a time.
+    """
+    b, t, h, _ = q_nope.shape
+    s_len = kv_nope.shape[1]
+    qp = R._positions(q_positions, b, t)
+    kp = R._positions(k_positions, b, s_len)
+    has_seg = q_segment_ids is not None
+    qs = jnp.asarray(q_segment_ids, jnp.int32) if has_seg else jnp.zeros((b, t), jnp.int32)
+    ks = jnp.asarray(k_segment_ids, jnp.int32) if has_seg else jnp.zeros((b, s_len), jnp.int32)
+    c = chunk_size or R.auto_chunk(t, b * (h + 2 * q.shape[2]) * s_len * 4 * 2, 256)
+    tp = -(-t // c) * c
+    per_query = tuple(_sg(x) for x in (q, w, q_nope, q_rope)) + (qp, qs)
+    xs = tuple(R._chunks(R._pad_axis1(a, tp, v), c) for a, v in zip(per_query, (0, 0, 0, 0, -1, 0)))
+    shared = tuple(_sg(x) for x in (kv_nope, k_rope)) + (kp, ks)
+    kk = min(topk, s_len)
+
+    def step(carry, x):
+        qc, wc = x[:2]
+        p, vis, _, _ = _dense_select(x[2:], shared, scale, None)
+        _, scores = _index_logits(qc, wc, _sg(k))
+        scores = jnp.where(vis, scores, -jnp.inf)
+        p = jnp.where(vis, p, -1.0)
+        p_kth = jax.lax.top_k(p, kk)[0][..., -1:]  # the attention's top-k: p >= its k-th value
+        picked = jax.lax.top_k(scores, kk)[1]
+        hit = jnp.take_along_axis(p >= p_kth, picked, axis=-1)
+        row = jnp.sum(vis, axis=-1) > topk
+        rec = jnp.where(row, jnp.mean(hit.astype(F32), axis=-1), 0.0)
+        return carry, (jnp.sum(rec), jnp.sum(row))
+
+    _, (rec, n) = jax.lax.scan(step, None, xs)
+    return jnp.sum(rec) / jnp.maximum(jnp.sum(n), 1).astype(F32)

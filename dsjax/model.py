@@ -33,7 +33,7 @@ class Aux(NamedTuple):
     moe_load: jax.Array | None  # f32 [L_moe, B, E] routed-slot fraction per expert, per layer and sequence
     moe_score: jax.Array | None  # f32 [L_moe, B, E] mean normalised affinity per expert
     cache: dict[str, Any] | None = None  # updated KV cache {"dense": Latents, "moe": Latents} (leading layer axis)
-    indexer_loss: jax.Array | None = None  # f32 [] indexer KL loss averaged over layers (when requested)
+    indexer_loss: jax.Array | None = None  # f32 [] indexer KL loss (or top-k recall) averaged over layers
 
 
 @jax.named_scope("embed")
@@ -122,7 +122,8 @@ def forward_hidden(params: Params, tokens: jax.Array, config: Config, *, positio
     cache: optional {"dense": Latents, "moe": Latents} with leaves [L_stack, B, S_max, .]; the new tokens'
     latents are written at `positions` and attention reads the whole cache (prefill / decode).
     indexer_loss (static): "dense_warmup" or "sparse" computes the indexer KL loss of every layer
-    (`dsjax.indexer_loss`; stage-1 attention is then dense) into `Aux.indexer_loss`.
+    (`dsjax.indexer_loss`; stage-1 attention is then dense) into `Aux.indexer_loss`; "dense_recall" puts
+    there instead the indexer's top-k recall of the dense attention's top-k (an evaluation).
     parallel: the run's layout (`dsjax.parallel.Parallelism`, e.g. `sharding.MeshParallelism(mesh)`):
     attention and MoE take their parallel implementations from it; None = one device.
     """

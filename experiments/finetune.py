@@ -18,9 +18,11 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dsjax import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 # model
@@ -141,18 +143,12 @@ def build_run_config():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag.")
-    logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines out of the progress bar
     from dsjax.train import trainer
 
-    try:
-        rc = build_run_config()
-        res = trainer.run(rc)
-    except (ValueError, FileNotFoundError, NotImplementedError, FloatingPointError) as e:
-        print(f"finetune.py: error: {e}", file=sys.stderr)
-        return 2
+    res = trainer.run(build_run_config())
     print(trainer.summary(res))
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "finetune.py")

@@ -23,6 +23,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dsjax import cli  # noqa: E402
+
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -100,17 +102,53 @@ def build_prompts(tok, *, prompts=(), chats=(), chat_file=None, system=None, thi
     return out
 
 
-def main(argv):
-    del argv
-    import dsjax
-    from dsjax.generate import cache_length
+def check_flags() -> None:
+    """Sampling and source flags, before anything is read."""
+    given = [n for n, v in (("--ckpt_dir", FLAGS.ckpt_dir), ("--hf_dir", FLAGS.hf_dir), ("--config", FLAGS.config))
+             if v]
+    if len(given) != 1:
+        raise app.UsageError(f"pass exactly one of --ckpt_dir, --hf_dir, --config (got {given or 'none'}).")
+    if FLAGS.max_new_tokens < 1:
+        raise app.UsageError(f"--max_new_tokens={FLAGS.max_new_tokens}: must be >= 1.")
+    if not FLAGS.temperature >= 0:
+        raise app.UsageError(f"--temperature={FLAGS.temperature}: must be >= 0 (0 = greedy).")
+    if not 0 < FLAGS.top_p <= 1:
+        raise app.UsageError(f"--top_p={FLAGS.top_p}: must be in (0, 1] (1 = off).")
+    if FLAGS.top_k < 0:
+        raise app.UsageError(f"--top_k={FLAGS.top_k}: must be >= 0 (0 = off).")
+    if FLAGS.prefill_chunk < 1:
+        raise app.UsageError(f"--prefill_chunk={FLAGS.prefill_chunk}: must be >= 1.")
+    bad = [i for i in FLAGS.prompt_ids if not i.strip().lstrip("-").isdigit()]
+    if bad:
+        raise app.UsageError(f"--prompt_ids: {bad[0]!r} is not a token id; give comma-separated integers.")
+    if FLAGS.chat_file and not os.path.isfile(FLAGS.chat_file):
+        raise app.UsageError(f"--chat_file={FLAGS.chat_file}: no such file.")
 
-    par = None
-    if FLAGS.mesh and FLAGS.ckpt_dir:  # restore straight into the shards (the config comes with the checkpoint)
-        par = parse_mesh(FLAGS.mesh, None)
-    cfg, params = load_model(FLAGS.ckpt_dir, FLAGS.hf_dir, FLAGS.config, FLAGS.dtype, par)
-    if FLAGS.mesh:
-        par = parse_mesh(FLAGS.mesh, cfg)  # also checks that the model can be split over it
+
+def model_config(dtype):
+    """The model's Config from metadata alone (no weights read), to check the prompts against."""
+    import checkpoints
+    import dsjax
+
+    if FLAGS.ckpt_dir:
+        return checkpoints.model_dir.read_config(FLAGS.ckpt_dir)
+    if FLAGS.hf_dir:
+        return dsjax.Config.from_hf(FLAGS.hf_dir)
+    try:
+        return dsjax.Config.preset(FLAGS.config, dtype=dtype or "bfloat16", param_dtype=dtype or "bfloat16")
+    except ValueError as e:
+        raise app.UsageError(f"--config: {e}") from None
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag.")
+    import dsjax
+    from dsjax.generate import cache_length, check_request
+
+    check_flags()
+    cfg = model_config(FLAGS.dtype)
+    par = parse_mesh(FLAGS.mesh, cfg) if FLAGS.mesh else None  # also checks that the model can be split over it
     tok_path = FLAGS.tokenizer or next((d for d in (FLAGS.hf_dir, FLAGS.ckpt_dir)
                                         if d and os.path.isfile(os.path.join(d, "tokenizer.json"))), None)
     if tok_path is None and FLAGS.ckpt_dir:  # a converted checkpoint's assets, or the tokenizer a run trained with
@@ -120,6 +158,12 @@ def main(argv):
     tok = dsjax.Tokenizer.from_file(tok_path) if tok_path else None
     prompts = build_prompts(tok, prompts=FLAGS.prompt, chats=FLAGS.chat, chat_file=FLAGS.chat_file,
                             system=FLAGS.system, thinking=FLAGS.thinking, prompt_ids=FLAGS.prompt_ids)
+    if FLAGS.mtp and not cfg.num_nextn_predict_layers:
+        raise app.UsageError("--mtp: this model has no MTP module (num_nextn_predict_layers=0).")
+    check_request(cfg, prompts, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                  top_p=FLAGS.top_p, top_k=FLAGS.top_k, prefill_chunk=FLAGS.prefill_chunk)
+    # Everything checked: now read the weights (restored straight into the mesh's shards for --ckpt_dir).
+    cfg, params = load_model(FLAGS.ckpt_dir, FLAGS.hf_dir, FLAGS.config, FLAGS.dtype, par)
     eos = tok.eos_id if tok is not None and tok.eos_id is not None else cfg.eos_token_id
     stops = [eos] if eos is not None and eos < cfg.vocab_size else []
     stream = tok.stream(skip_special_tokens=False) if tok is not None else None
@@ -158,4 +202,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "generate.py")

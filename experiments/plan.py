@@ -39,6 +39,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dsjax import cli  # noqa: E402
+
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -55,6 +57,8 @@ flags.DEFINE_string("remat", "full", "Layer rematerialisation policy for train (
 flags.DEFINE_integer("ep_buffer_mb", 512, "Bound on the expert all-to-all's worst-case receive buffer (MiB).")
 flags.DEFINE_integer("ce_chunk_mb", 1024, "Train: f32 logits the loss holds at once per device (MiB; 0 = all), "
                      "as finetune.py's --ce_chunk_mb.")
+flags.DEFINE_bool("row", False, "Also print the plan as a row of the README's memory-plan table (which is made of "
+                  "these rows, not typed).")
 flags.DEFINE_bool("cpu_licm", False, "Keep XLA:CPU's while-loop-invariant code motion (see the module docstring).")
 flags.DEFINE_string("topology", "", "Plan on a compile-only TPU topology instead of simulated CPU devices, e.g. "
                     "v5p:4x4x4 (64 chips), v5e:4x4, v6e:4x4: the real XLA:TPU compiler, layouts and the TPU "
@@ -249,11 +253,29 @@ def main(argv):
     print(f"  {'total':<32}{total / GB:>10.2f}")
     fits = total <= FLAGS.hbm_gb * GB
     print(f"fits {FLAGS.hbm_gb:g} GB HBM: {'YES' if fits else 'NO'} ({100 * total / (FLAGS.hbm_gb * GB):.0f}%)")
+    if FLAGS.row:
+        print(readme_row(FLAGS.mode, FLAGS.weights, mesh, batch, FLAGS.seq_len, dict(rows), temp, total))
     print(f"memory_analysis: argument={arg_total / GB:.2f} GB (sum of the rows above: "
           f"{sum(b for _, b in rows) / GB:.2f}), output={mem.output_size_in_bytes / GB:.2f}, "
           f"alias={mem.alias_size_in_bytes / GB:.2f}, temp={temp / GB:.2f}, "
           f"code={mem.generated_code_size_in_bytes / 1e6:.1f} MB")
 
 
+TARGETS = (("H200", 141.0), ("v5p", 95.0))  # the README table's "fits" column
+
+
+def readme_row(mode, weights, mesh, batch, seq_len, rows, temp, total) -> str:
+    """The plan as a row of the README's memory-plan table (per-device GB)."""
+    def gb(name):
+        return f"{rows[name] / GB:.2f}" if name in rows else "-"
+
+    sizes = {a: n for a, n in mesh.shape.items() if n > 1}
+    label = {"train": "train", "prefill": "prefill", "decode": "decode"}[mode]
+    fits = " / ".join(f"{'yes' if total <= hbm * GB else 'no'} {100 * total / (hbm * GB):.0f}%" for _, hbm in TARGETS)
+    return (f"| {label}, {batch} x {seq_len // 1024}K | {weights} | "
+            f"{','.join(f'{a}={n}' for a, n in sizes.items())} ({mesh.size}) | {gb('params')} | "
+            f"{gb('optimizer state')} | {gb('KV cache')} | {temp / GB:.2f} | {total / GB:.2f} | {fits} |")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "plan.py")

@@ -67,6 +67,38 @@ def test_dense_kl_value_and_gradients_match_autodiff_of_naive():
     assert all(not np.asarray(x).any() for x in g_tgt)
 
 
+def test_dense_recall_matches_a_numpy_count():
+    """Recall of the attention's top-k by the indexer's top-k, counted in numpy on the full [B, T, S]
+    arrays (test oracle), over packed rows; and 1.0 when the indexer scores are the attention itself."""
+    ind, tgt = _inputs(3, t=24, s=24)
+    pos = jnp.asarray([list(range(16)) + list(range(8))] * 2)
+    seg = jnp.asarray([[1] * 16 + [2] * 8] * 2)
+    kw = dict(q_positions=pos, k_positions=pos, q_segment_ids=seg, k_segment_ids=seg)
+    topk = 4
+    got = float(indexer_loss.dense_recall(*ind, *tgt, scale=SCALE, topk=topk, chunk_size=7, **kw))
+    allowed = np.asarray(R.visibility(pos, pos, seg, seg))
+    q, w, k = (np.asarray(x, np.float64) for x in ind)
+    qn, qr, kvn, kr = (np.asarray(x, np.float64) for x in tgt)
+    sc = (np.einsum("bthc,bsc->bths", qn, kvn) + np.einsum("bthr,bsr->bths", qr, kr)) * SCALE
+    sc = np.where(allowed[:, :, None], sc, -np.inf)
+    pr = np.exp(sc - sc.max(-1, keepdims=True))
+    p = (pr / pr.sum(-1, keepdims=True)).sum(2)
+    scores = np.einsum("bths,bth->bts", np.maximum(np.einsum("bthd,bsd->bths", q, k), 0), w)
+    hits = []
+    for b in range(2):
+        for t in range(24):
+            if allowed[b, t].sum() <= topk:
+                continue
+            vis = np.flatnonzero(allowed[b, t])
+            best = set(vis[np.argsort(-p[b, t, vis], kind="stable")[:topk]])
+            picked = vis[np.argsort(-scores[b, t, vis], kind="stable")[:topk]]
+            hits.append(np.mean([i in best for i in picked]))
+    assert 0.0 < np.mean(hits) < 1.0
+    np.testing.assert_allclose(got, np.mean(hits), atol=1e-6)
+    # no query sees more than 40 keys: nothing to recall, and the mean over no rows is 0, not NaN
+    assert float(indexer_loss.dense_recall(*ind, *tgt, scale=SCALE, topk=40, **kw)) == 0.0
+
+
 def test_sparse_kl_value_and_gradients_match_autodiff_of_naive():
     """Selected sets with unused (-1) slots and one query with none; T != S; lse from the sparse attention."""
     b, t, s, kk = 2, 11, 29, 7

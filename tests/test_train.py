@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import dsjax
-from dsjax.train import losses, schedule, step as step_lib
-from train_util import leaf_pairs, run_steps
+from dsjax.train import evaluate, losses, schedule, step as step_lib
+from train_util import leaf_pairs
 
 CFG = dsjax.Config.preset("tiny", index_topk=8)  # rows of 32 tokens > 8: DSA prunes
 B, L = 4, 32
@@ -278,6 +278,28 @@ def test_indexer_warmup_lowers_kl_and_changes_only_the_indexer(params):
         else:
             assert np.array_equal(a, b), f"{name} changed in indexer_warmup"
     assert any(changed["main"]) and changed["mtp"] and all(changed["mtp"])
+
+
+def test_warmed_up_indexer_recalls_the_attentions_top_k(params):
+    """After a short warm-up the indexer's top-k holds more of the attention's own top-k than at init
+    (`evaluate.indexer_quality`). Random-init attention is nearly uniform, its top-k noise; scaling the query
+    and key up-projections x4 gives it the peaked attention of a trained model (measured: recall 0.67 ->
+    0.88, chance 0.66; KL 0.011 -> 0.002)."""
+    sharp = fresh(params)
+    for blk in ("dense", "moe"):
+        for name in ("wq_b", "wkv_b"):
+            sharp[blk]["attn"][name] = sharp[blk]["attn"][name] * 4.0
+    tc = step_lib.TrainConfig(stage="indexer_warmup", optim=schedule.OptimConfig(
+        learning_rate=1e-2, warmup_steps=0, total_steps=20, weight_decay=0.0))
+    batch = make_batch(seed=9)
+    before = evaluate.indexer_quality(sharp, CFG, batch)
+    state = step_lib.init_state(fresh(sharp), CFG, tc, jax.random.key(1))
+    fn = step_lib.compiled_step(CFG, tc)
+    for _ in range(15):
+        state, _ = fn(state, batch)
+    after = evaluate.indexer_quality(state["params"], CFG, batch)
+    assert after["kl"] < 0.5 * before["kl"], (before, after)
+    assert after["recall"] > before["recall"] + 0.1 and after["recall"] > before["chance"] + 0.1, (before, after)
 
 
 def test_sparse_stage_detaches_the_indexer(params):

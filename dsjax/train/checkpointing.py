@@ -6,8 +6,13 @@ Each checkpoint step directory holds three items:
            (a LoRA run: its adapters and only the base leaves it changes; the frozen base is reloaded
            from the run's --init_ckpt or seed, see trainer._to_save)
     data   the grain iterator state, one JSON file per process           (grain.checkpoint.CheckpointSave)
-    meta   model config, stage and data settings                         (JSON)
+    meta   model config, stage and data settings, and a checksum of every state array   (JSON)
 Everything that decides the next step is in there, so a resumed run continues bit-identically.
+
+Integrity: `restore` recomputes each array's checksum (checkpoints/integrity.py) and refuses a step whose
+state differs from what was saved, saying which array and whether an earlier step is intact; storage
+errors (a missing or truncated chunk) are the same one CheckpointError. A failed async save surfaces at
+the next step (`check`), not silently later.
 
 Atomicity: Orbax writes a step into a temporary directory and renames it only once every item is
 committed, so a process killed mid-save (kill -9) leaves the previous checkpoint intact and the partial
@@ -16,6 +21,7 @@ one invisible; leftovers are removed when the next manager opens the directory.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
@@ -23,6 +29,9 @@ from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+
+from checkpoints import diskspace, integrity, orbax_io
+from checkpoints.safetensors_io import CheckpointError
 
 ITEMS = ("state", "data", "meta")
 
@@ -43,6 +52,7 @@ class TrainCheckpointer:
             save_interval_steps=save_every, max_to_keep=keep, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self._failed = False
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -56,41 +66,107 @@ class TrainCheckpointer:
 
         if force and step in self.manager.all_steps():
             return False  # already saved (e.g. a periodic save on the final step)
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
-            meta=ocp.args.JsonSave(dict(meta))), force=force)
+        if not force and not self.manager.should_save(step):
+            return False
+        diskspace.require_free(self.directory, sum(x.nbytes for x in jax.tree.leaves(state)) // jax.process_count(),
+                               f"saving the step-{step} checkpoint")
+        meta = dict(meta, checksums=integrity.by_name(integrity.device_checksums(state)))
+        try:  # Orbax raises an earlier async save's failure here too
+            return self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
+                meta=ocp.args.JsonSave(meta)), force=force)
+        except Exception as e:  # noqa: BLE001
+            self._failed = True
+            raise _save_failed(e, self.directory, self.all_steps()) from None
+
+    def check(self) -> None:
+        """Raise the error of an async save that failed (disk full, ...) now, as one OSError, so training
+        stops at the next step instead of going on without checkpoints."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001 - Orbax re-raises whatever the writer thread hit
+            self._failed = True
+            raise _save_failed(e, self.directory, self.all_steps()) from None
+
+    def read_state(self, step: int | None = None) -> Any:
+        """The saved state as a plain tree (no template), e.g. to inspect a run; no checksum check (see
+        `checkpoints.load` for a run's weights, checked)."""
+        step = self.latest_step() if step is None else step
+        with orbax_io.storage_errors(os.path.join(self.directory, str(step))):
+            return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+    def wait(self) -> None:
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            self._failed = True
+            raise _save_failed(e, self.directory, self.all_steps()) from None
+        self.check()
+
+    def close(self) -> None:
+        """Finish pending saves and release the manager; a failure already reported is not raised again."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        except Exception as e:  # noqa: BLE001
+            if not self._failed:
+                raise _save_failed(e, self.directory, self.all_steps()) from None
+
+    def _restore_step(self, step: int, abstract: Any, data_iter: Any) -> tuple[Any, dict]:
+        import grain
+
+        where = os.path.join(self.directory, str(step))
+        with orbax_io.storage_errors(where, hint=""):
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_iter),
+                meta=ocp.args.JsonRestore()))
+        meta = dict(out["meta"])
+        bad = integrity.mismatches(meta.pop("checksums", {}),
+                                   integrity.by_name(integrity.device_checksums(out["state"])))
+        if bad:
+            raise CheckpointError(f"{where} is damaged: array {bad[0]} of its state does not match the checksum "
+                                  "written with it.")
+        return out["state"], meta
 
     def restore(self, state_like: Any, data_iter: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restore into the structure, dtypes and shardings of `state_like`; sets `data_iter`'s position.
 
-        Returns (state, meta). Raises FileNotFoundError when there is no checkpoint.
+        Returns (state, meta). Raises FileNotFoundError when there is no checkpoint, and one CheckpointError
+        when the step is damaged (naming the array, and the newest earlier step that is intact, if any).
         """
-        import grain
-
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {self.directory}.")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_iter),
-            meta=ocp.args.JsonRestore()))
-        return out["state"], dict(out["meta"])
+        try:
+            return self._restore_step(step, abstract, data_iter)
+        except CheckpointError as e:
+            for earlier in sorted((s for s in self.all_steps() if s < step), reverse=True):
+                try:
+                    self._restore_step(earlier, abstract, data_iter)
+                except CheckpointError:
+                    continue
+                later = [s for s in self.all_steps() if s > earlier]
+                raise CheckpointError(f"{str(e).rstrip()} Step {earlier} is intact: delete "
+                                      f"{', '.join(os.path.join(self.directory, str(s)) for s in later)} and rerun "
+                                      "to continue from it.") from None
+            raise CheckpointError(f"{str(e).rstrip()} No earlier step is intact; start the run again.") from None
 
     def read_meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
         return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
-    def read_state(self, step: int | None = None) -> Any:
-        """The saved state as a plain tree (no template), e.g. to start a new stage from its params."""
-        step = self.latest_step() if step is None else step
-        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
 
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+def _save_failed(e: BaseException, directory: str, steps: list[int]) -> OSError:
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    code = errno.ENOSPC if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in str(e) else \
+        (e.errno if isinstance(e, OSError) and e.errno else errno.EIO)
+    done = [s for s in steps if os.path.isdir(os.path.join(directory, str(s)))]
+    last = f"step {done[-1]} is the last complete checkpoint" if done else "no checkpoint was completed"
+    return OSError(code, f"saving a checkpoint failed ({text}); training stopped, {last}", directory)
 
 
 class PreemptionGuard:

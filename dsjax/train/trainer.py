@@ -299,6 +299,7 @@ def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) ->
                     bar.update(1)
                 if on_step is not None:
                     on_step(step + 1, scalars)
+                ck.check()  # a failed async save stops the run here
                 ck.save(step + 1, _to_save(state, tc), it, meta)
                 if guard.requested:
                     preempted = True
