@@ -324,7 +324,7 @@ def _model_attention_grads(params, tokens, cfg):
         logits = model_lib.forward_with_aux(p, tokens, cfg, remat="full")[0]
         return jnp.sum(logits * w)
 
-    return jax.grad(loss)(params["dense"]["attn"])
+    return jax.jit(jax.grad(loss))(params["dense"]["attn"])
 
 
 @pytest.mark.parametrize("backend", list(KERNELS))

@@ -168,7 +168,7 @@ def test_chunked_loss_in_the_step_equals_unchunked(params):
         denom = {"tokens": jnp.sum(batch["weights"]), "mtp_tokens": jnp.sum(batch["weights"])}
         mb = {k: x[:2] for k, x in batch.items()}
         loss_fn = lambda tr: step_lib._loss(tr, variables, mb, denom, CFG, tc)  # noqa: E731
-        (loss, (terms, _)), g = jax.value_and_grad(loss_fn, has_aux=True)(train)
+        (loss, (terms, _)), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(train)  # eager: 200 s
         out.append((loss, terms, g))
     (l0, t0, g0), (l1, t1, g1) = out
     assert set(t0) >= {"ce", "mtp", "balance"}
@@ -378,9 +378,9 @@ def test_gradients_match_hf_transformers(hf_v32, tmp_path):
     variables = {"params": params}
     train = step_lib.trainable(variables, tc)
     denom = {"tokens": jnp.sum(batch["weights"]), "mtp_tokens": 1.0}
-    ours, (terms, _) = step_lib._loss(train, variables, batch, denom, cfg, tc)
+    ours, (terms, _) = jax.jit(lambda tr: step_lib._loss(tr, variables, batch, denom, cfg, tc))(train)
     np.testing.assert_allclose(float(ours), float(loss.detach()), rtol=1e-5)
-    g = jax.grad(lambda tr: step_lib._loss(tr, variables, batch, denom, cfg, tc)[0])(train)["params"]
+    g = jax.jit(jax.grad(lambda tr: step_lib._loss(tr, variables, batch, denom, cfg, tc)[0]))(train)["params"]
     compared = 0
     for (name, want, _), got in zip(leaf_pairs(hf_grads, hf_grads), _flat_like(g, hf_grads)):
         if got is None:  # not trained in sft: the router biases and the indexer (HF: no gradient either)
