@@ -190,6 +190,14 @@ _kl.defvjp(_kl_fwd, _kl_bwd)
 
 
 # ----------------------------------------------------------------------------- public losses
+def _visibility_inputs(q_positions, k_positions, q_segment_ids, k_segment_ids, b, t, s_len):
+    """[B, T] / [B, S] int32 positions and segment ids (all one segment when none are given)."""
+    has_seg = q_segment_ids is not None
+    qs = jnp.asarray(q_segment_ids, jnp.int32) if has_seg else jnp.zeros((b, t), jnp.int32)
+    ks = jnp.asarray(k_segment_ids, jnp.int32) if has_seg else jnp.zeros((b, s_len), jnp.int32)
+    return R._positions(q_positions, b, t), R._positions(k_positions, b, s_len), qs, ks
+
+
 def dense_kl(q, w, k, q_nope, q_rope, kv_nope, k_rope, *, scale: float, q_positions, k_positions=None,
              q_segment_ids=None, k_segment_ids=None, chunk_size: int | None = None) -> jax.Array:
     """Stage-1 indexer loss: mean over queries of KL(p_t || softmax(I_t)) over every visible key.
@@ -201,11 +209,7 @@ def dense_kl(q, w, k, q_nope, q_rope, kv_nope, k_rope, *, scale: float, q_positi
     """
     b, t, h, _ = q_nope.shape
     s_len = kv_nope.shape[1]
-    qp = R._positions(q_positions, b, t)
-    kp = R._positions(k_positions, b, s_len)
-    has_seg = q_segment_ids is not None
-    qs = jnp.asarray(q_segment_ids, jnp.int32) if has_seg else jnp.zeros((b, t), jnp.int32)
-    ks = jnp.asarray(k_segment_ids, jnp.int32) if has_seg else jnp.zeros((b, s_len), jnp.int32)
+    qp, kp, qs, ks = _visibility_inputs(q_positions, k_positions, q_segment_ids, k_segment_ids, b, t, s_len)
     hi = q.shape[2]
     c = chunk_size or R.auto_chunk(t, b * (h + 2 * hi) * s_len * 4 * 2, 256)
     qn, qr, kvn, kr = (_sg(x) for x in (q_nope, q_rope, kv_nope, k_rope))
@@ -246,11 +250,7 @@ def dense_recall(q, w, k, q_nope, q_rope, kv_nope, k_rope, *, scale: float, topk
     """
     b, t, h, _ = q_nope.shape
     s_len = kv_nope.shape[1]
-    qp = R._positions(q_positions, b, t)
-    kp = R._positions(k_positions, b, s_len)
-    has_seg = q_segment_ids is not None
-    qs = jnp.asarray(q_segment_ids, jnp.int32) if has_seg else jnp.zeros((b, t), jnp.int32)
-    ks = jnp.asarray(k_segment_ids, jnp.int32) if has_seg else jnp.zeros((b, s_len), jnp.int32)
+    qp, kp, qs, ks = _visibility_inputs(q_positions, k_positions, q_segment_ids, k_segment_ids, b, t, s_len)
     c = chunk_size or R.auto_chunk(t, b * (h + 2 * q.shape[2]) * s_len * 4 * 2, 256)
     tp = -(-t // c) * c
     per_query = tuple(_sg(x) for x in (q, w, q_nope, q_rope)) + (qp, qs)

@@ -1,6 +1,6 @@
 """Fine-tune (or pre-train) a DeepSeek V3.2 / V3 model with dsjax.
 
-    python experiments/finetune.py --flagfile=experiments/configs/tiny_sft.flags
+    python experiments/finetune.py --flagfile=experiments/configs/kjv_tiny.flags
     python experiments/finetune.py --config=tiny --data=corpus.jsonl --tokenizer=tokenizer.json --steps=200
     python experiments/finetune.py --init_ckpt=/ckpt/v32 --stage=indexer_warmup --data=... --mesh=expert=8,fsdp=4
 

@@ -4,7 +4,7 @@
     python experiments/generate.py --ckpt_dir=path/to/orbax --tokenizer=path/to/tokenizer.json --prompt="Once" \
         --mesh=expert=8,tensor=4
     python experiments/generate.py --config=tiny --prompt_ids=0,5,7 --max_new_tokens=16    # random weights
-    python experiments/generate.py --flagfile=experiments/configs/generate.flags
+    python experiments/generate.py --flagfile=experiments/configs/generate_tiny.flags    # the same, from a file
 
 Weights: --ckpt_dir (any dsjax model on disk, `checkpoints.load`: a converted checkpoint, restored into its
 shards with --mesh, or a training run's workdir / checkpoints/ / checkpoints/<step>), --hf_dir (HF safetensors, in memory: small models), or --config (a preset with random weights, for

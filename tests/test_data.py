@@ -179,3 +179,22 @@ def test_packed_rows_are_isolated_through_the_model(tok, tmp_path):
     mixed = jax.jit(lambda p, t, q: dsjax.forward_with_aux(p, t, cfg, positions=q)[0])(
         params, tokens[:1], positions[:1])
     assert float(jnp.abs(mixed[0][seg == 2] - logits[0][seg == 2]).max()) > 1e-3 * scale
+
+
+def test_non_utf8_text_is_replaced_with_a_warning(tok, tmp_path, caplog):
+    """Stray Latin-1 bytes in a text corpus and a JSONL file: the documents still load, the bad bytes become
+    U+FFFD, and one warning per file names it and the count (before: replaced silently)."""
+    txt = tmpfile(tmp_path, "latin1.txt")
+    open(txt, "wb").write("alpha beta caf\u00e9 gamma\n\ndelta na\u00efve".encode("latin-1"))
+    jl = tmpfile(tmp_path, "latin1.jsonl")
+    open(jl, "wb").write(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with caplog.at_level("WARNING"):
+        docs = data._read_text(txt, "\n\n") + data._read_jsonl(jl)
+    assert [d["text"] for d in docs] == ["alpha beta caf\ufffd gamma", "delta na\ufffdve", "ok", "caf\ufffd"]
+    warned = [r.getMessage() for r in caplog.records if "invalid UTF-8" in r.getMessage()]
+    assert len(warned) == 2 and txt in warned[0] and "2 invalid UTF-8" in warned[0] and jl in warned[1], warned
+    clean = write_text_corpus(tmpfile(tmp_path, "clean.txt"), 3)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        data._read_text(clean, "\n\n")
+    assert not [r for r in caplog.records if "invalid UTF-8" in r.getMessage()]

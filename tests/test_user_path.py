@@ -29,7 +29,11 @@ def quickstart(tmp_path_factory):
     out = _run([sys.executable, "experiments/quickstart.py", "--steps=3", f"--workdir={work}", "--new_tokens=8"])
     lines = out.strip().splitlines()
     i = lines.index("use the model:")
-    return {"work": str(work), "out": out, "generate": shlex.split(lines[i + 1]), "export": shlex.split(lines[i + 2])}
+    # three stages (dense, indexer warm-up, sparse) of one step each; the model is the last stage's run
+    assert all(os.path.isdir(work / d / "checkpoints") for d in ("1_dense", "2_indexer_warmup", "3_sparse"))
+    assert "top-64 recall" in out
+    return {"work": str(work / "3_sparse"), "out": out, "generate": shlex.split(lines[i + 1]),
+            "export": shlex.split(lines[i + 2])}
 
 
 @pytest.mark.slow
@@ -60,10 +64,10 @@ def test_quickstart_commands_work_as_printed(quickstart):
 def test_every_kind_of_model_directory_resolves(quickstart, tmp_path):
     ck = os.path.join(quickstart["work"], "checkpoints")
     md = checkpoints.describe(ck)
-    assert md.kind == "training" and md.step == 3 and md.tokenizer.endswith("kjv_bpe.json")
+    assert md.kind == "training" and md.step == 1 and md.tokenizer.endswith("kjv_bpe.json")
     assert checkpoints.describe(quickstart["work"]) == md  # the workdir
-    assert checkpoints.describe(os.path.join(ck, "3")) == md  # one step
-    with pytest.raises(checkpoints.CheckpointError, match=r"without step 9; it has steps \[.*3\]"):
+    assert checkpoints.describe(os.path.join(ck, "1")) == md  # one step
+    with pytest.raises(checkpoints.CheckpointError, match=r"without step 9; it has steps \[1\]"):
         checkpoints.describe(ck, step=9)
     steps = sorted(int(n) for n in os.listdir(ck) if n.isdigit())
     assert checkpoints.describe(ck, step=steps[0]).step == steps[0]  # a named earlier step

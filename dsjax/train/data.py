@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Iterable, Sequence
 
@@ -34,6 +35,8 @@ import numpy as np
 
 from dsjax import chat
 from dsjax.chat import BOS, EOS
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("auto", "jsonl", "text", "arrayrecord")
 PACKINGS = ("first_fit", "concat")
@@ -102,29 +105,48 @@ def _check_record(rec: Any, where: str) -> dict:
     return rec
 
 
+_WARNED: set[str] = set()
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    """Text of `raw`; bytes that are not UTF-8 become U+FFFD, with a warning naming `where` and how many (once
+    per source: a corpus with stray Latin-1 bytes trains, but not silently)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        text = raw.decode("utf-8", errors="replace")
+        if where not in _WARNED:
+            _WARNED.add(where)
+            bad = text.count("\ufffd") - raw.count("\ufffd".encode())
+            log.warning("%s: %d invalid UTF-8 sequence(s) (first at byte %d) replaced by U+FFFD; re-encode the "
+                        "file as UTF-8 to keep them.", where, bad, e.start)
+        return text
+
+
 def _read_jsonl(path: str) -> list[dict]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {n}: not valid JSON ({e.msg}); fix or remove the line.") from None
-            docs.append(_check_record(rec, f"{path} line {n}"))
+    with open(path, "rb") as f:
+        text = _utf8(f.read(), path)
+    for n, line in enumerate(text.split("\n"), 1):  # (not splitlines: U+2028 may sit inside a JSON string)
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {n}: not valid JSON ({e.msg}); fix or remove the line.") from None
+        docs.append(_check_record(rec, f"{path} line {n}"))
     return docs
 
 
 def _read_text(path: str, separator: str) -> list[dict]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        text = _utf8(f.read(), path)
     return [{"text": d.strip()} for d in text.split(separator) if d.strip()]
 
 
 def _decode_record(raw: Any) -> dict:
     """An ArrayRecord record: UTF-8 JSON {"text"|"messages"} or raw UTF-8 text."""
-    s = raw.decode("utf-8", errors="replace") if isinstance(raw, (bytes, bytearray)) else raw
+    s = _utf8(bytes(raw), "ArrayRecord data") if isinstance(raw, (bytes, bytearray)) else raw
     if isinstance(s, str) and s.lstrip().startswith("{"):
         try:
             return _check_record(json.loads(s), "ArrayRecord record")

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import checkpoints
-from checkpoints import export as export_mod
+from checkpoints import diskspace, export as export_mod
 from dsjax import parallel as parallel_lib
 from dsjax.config import Config
 from dsjax.parallel import Parallelism
@@ -253,6 +253,9 @@ def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) ->
              "tensorboard": os.path.abspath(os.path.join(rc.workdir, "tensorboard")),
              "metrics": os.path.abspath(os.path.join(rc.workdir, "metrics.jsonl")),
              "loss_curve": os.path.abspath(os.path.join(rc.workdir, "loss_curve.png"))}
+    # a checkpoint must fit before anything is compiled (each save checks again)
+    diskspace.require_free(rc.workdir, sum(x.nbytes for x in jax.tree.leaves(_to_save(state, tc)))
+                           // jax.process_count(), "saving a checkpoint")
     ck = ckpt_lib.TrainCheckpointer(paths["checkpoints"], save_every=rc.save_every, keep=rc.keep)
     meta = _meta(config, rc)
     latest = ck.latest_step()
