@@ -141,7 +141,7 @@ def device_checksums(tree: Any) -> Any:
     return jax.tree.map(lambda s: _fmt(int(s[0]), int(s[1])), sums)
 
 
-def by_name(tree: Any, names: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def by_name(tree: Any) -> dict[str, Any]:
     """{slash-joined tree path: leaf} (dict keys, attribute names and sequence indices)."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -152,6 +152,13 @@ def by_name(tree: Any, names: Mapping[str, Any] | None = None) -> dict[str, Any]
 def mismatches(stored: Mapping[str, str], actual: Mapping[str, str]) -> list[str]:
     """Names whose recorded checksum differs from the one computed now (names without a record: skipped)."""
     return [n for n in stored if n in actual and actual[n] != stored[n]]
+
+
+def first_mismatch(stored: Mapping[str, str], named: Mapping[str, Any]) -> str | None:
+    """The first name whose array (`named`: name -> array) no longer matches its recorded checksum; only the
+    recorded arrays are checksummed (one jitted reduction). None when all match."""
+    bad = mismatches(stored, device_checksums({n: named[n] for n in stored if n in named}))
+    return bad[0] if bad else None
 
 
 # --------------------------------------------------------------------------- file manifests

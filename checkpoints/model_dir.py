@@ -138,9 +138,9 @@ def _read_state(train_dir: str, step: int, meta: Mapping[str, Any]) -> dict[str,
     with orbax_io.storage_errors(state_dir), ocp.StandardCheckpointer() as ck:
         state = ck.restore(state_dir)
     weights = {n: x for n, x in integrity.by_name(state).items() if n.startswith(_WEIGHTS)}
-    bad = integrity.mismatches(meta.get("checksums", {}), integrity.device_checksums(weights))
+    bad = integrity.first_mismatch(meta.get("checksums", {}), weights)
     if bad:
-        raise CheckpointError(f"{state_dir} is damaged: array {bad[0]} does not match the checksum written with it. "
+        raise CheckpointError(f"{state_dir} is damaged: array {bad} does not match the checksum written with it. "
                               "Pass an earlier step (checkpoints/<step>) or re-train from an intact one.")
     return state
 

@@ -397,11 +397,9 @@ REDO = "Re-create it (rerun the convert / save / export that wrote it) or restor
 def check_arrays(ckpt_dir: str | os.PathLike, marker: Mapping[str, Any], named: Mapping[str, Any]) -> None:
     """Compare the checksums of restored arrays (`named`: orbax leaf name -> array, in their stored dtype)
     with the ones recorded at save; one CheckpointError naming the first array that differs."""
-    stored = marker.get("checksums", {})
-    bad = integrity.mismatches(stored, integrity.device_checksums({n: named[n] for n in stored if n in named}))
+    bad = integrity.first_mismatch(marker.get("checksums", {}), named)
     if bad:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise CheckpointError(f"{ckpt_dir} is damaged: array {bad[0]}{more} does not match the checksum written with "
+        raise CheckpointError(f"{ckpt_dir} is damaged: array {bad} does not match the checksum written with "
                               f"it (its data files under {ckpt_dir} were changed after the save). {REDO}")
 
 

@@ -21,11 +21,12 @@ one invisible; leftovers are removed when the next manager opens the directory.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import threading
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import orbax.checkpoint as ocp
@@ -71,22 +72,27 @@ class TrainCheckpointer:
         diskspace.require_free(self.directory, sum(x.nbytes for x in jax.tree.leaves(state)) // jax.process_count(),
                                f"saving the step-{step} checkpoint")
         meta = dict(meta, checksums=integrity.by_name(integrity.device_checksums(state)))
-        try:  # Orbax raises an earlier async save's failure here too
+        with self._save_errors():  # Orbax raises an earlier async save's failure here too
             return self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
                 meta=ocp.args.JsonSave(meta)), force=force)
-        except Exception as e:  # noqa: BLE001
-            self._failed = True
-            raise _save_failed(e, self.directory, self.all_steps()) from None
+
+    @contextlib.contextmanager
+    def _save_errors(self, *, reported_once: bool = False) -> Iterator[None]:
+        """Whatever a (possibly async, earlier) save hit becomes one OSError (`_save_failed`); with
+        reported_once, a failure already raised once is not raised again (close after a failed save)."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - Orbax re-raises whatever the writer thread hit
+            if not (reported_once and self._failed):
+                self._failed = True
+                raise _save_failed(e, self.directory, self.all_steps()) from None
 
     def check(self) -> None:
         """Raise the error of an async save that failed (disk full, ...) now, as one OSError, so training
         stops at the next step instead of going on without checkpoints."""
-        try:
+        with self._save_errors():
             self.manager.check_for_errors()
-        except Exception as e:  # noqa: BLE001 - Orbax re-raises whatever the writer thread hit
-            self._failed = True
-            raise _save_failed(e, self.directory, self.all_steps()) from None
 
     def read_state(self, step: int | None = None) -> Any:
         """The saved state as a plain tree (no template), e.g. to inspect a run; no checksum check (see
@@ -96,21 +102,15 @@ class TrainCheckpointer:
             return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
 
     def wait(self) -> None:
-        try:
+        with self._save_errors():
             self.manager.wait_until_finished()
-        except Exception as e:  # noqa: BLE001
-            self._failed = True
-            raise _save_failed(e, self.directory, self.all_steps()) from None
         self.check()
 
     def close(self) -> None:
         """Finish pending saves and release the manager; a failure already reported is not raised again."""
-        try:
+        with self._save_errors(reported_once=True):
             self.manager.wait_until_finished()
             self.manager.close()
-        except Exception as e:  # noqa: BLE001
-            if not self._failed:
-                raise _save_failed(e, self.directory, self.all_steps()) from None
 
     def _restore_step(self, step: int, abstract: Any, data_iter: Any) -> tuple[Any, dict]:
         import grain
@@ -121,10 +121,9 @@ class TrainCheckpointer:
                 state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(data_iter),
                 meta=ocp.args.JsonRestore()))
         meta = dict(out["meta"])
-        bad = integrity.mismatches(meta.pop("checksums", {}),
-                                   integrity.by_name(integrity.device_checksums(out["state"])))
+        bad = integrity.first_mismatch(meta.pop("checksums", {}), integrity.by_name(out["state"]))
         if bad:
-            raise CheckpointError(f"{where} is damaged: array {bad[0]} of its state does not match the checksum "
+            raise CheckpointError(f"{where} is damaged: array {bad} of its state does not match the checksum "
                                   "written with it.")
         return out["state"], meta
 
