@@ -75,18 +75,33 @@ def _project(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array,
 
 def attend(q: Queries, kv: Latents, config: Config, *, q_positions: jax.Array, k_positions: jax.Array,
            q_segment_ids: jax.Array | None = None, k_segment_ids: jax.Array | None = None,
-           parallel: Parallelism | None = None) -> jax.Array:
-    """Latent attention output o_lat [B, T, H, kv_lora_rank] of queries over cached latents.
+           selection: jax.Array | None = None,
+           parallel: Parallelism | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """Latent attention of queries over latents -> (o_lat [B, T, H, kv_lora_rank], the selected keys).
 
     Positions decide causality (k_pos <= q_pos; padding keys have k_pos = -1); segment ids keep packed
-    documents apart. The indexer runs only when it can prune: more keys than `index_topk`.
+    documents apart. The indexer runs only when it can prune: more keys than `index_topk`; the keys it
+    selected come back as int32 [B, T, index_topk] (-1: empty slot), else None. selection: replay those keys
+    instead of running the indexer (`dsjax.selection`: the same sparse pattern in another forward).
     With `parallel`, its `attend` runs `attend_local` per device (e.g. sequence-parallel DSA).
     """
     kw = dict(q_positions=q_positions, k_positions=k_positions, q_segment_ids=q_segment_ids,
-              k_segment_ids=k_segment_ids)
+              k_segment_ids=k_segment_ids, selection=selection)
     if parallel is not None:
         return parallel.attend(attend_local, q, kv, config, **kw)
     return attend_local(q, kv, config, **kw)
+
+
+def is_sparse(config: Config, n_keys: int) -> bool:
+    """Whether attention over `n_keys` keys runs DSA (the indexer's top-k) rather than all causal keys."""
+    return config.has_indexer and n_keys > config.index_topk
+
+
+def _replayed(selection: jax.Array | None, n_keys: int, config: Config) -> jax.Array | None:
+    if selection is not None and not is_sparse(config, n_keys):
+        raise ValueError(f"a key selection was given for attention over {n_keys} keys, where every causal key "
+                         f"is attended (index_topk={config.index_topk}): pass none.")
+    return selection
 
 
 def visibility_in_place(anchor: jax.Array, **vis: jax.Array | None) -> dict[str, jax.Array | None]:
@@ -104,28 +119,32 @@ def visibility_in_place(anchor: jax.Array, **vis: jax.Array | None) -> dict[str,
 
 
 def attend_local(q: Queries, kv: Latents, config: Config, *, q_positions: jax.Array, k_positions: jax.Array,
-                 q_segment_ids: jax.Array | None = None, k_segment_ids: jax.Array | None = None) -> jax.Array:
-    """`attend` on arrays that are all on one device (or one shard): indexer top-k, then sparse/dense MLA."""
+                 q_segment_ids: jax.Array | None = None, k_segment_ids: jax.Array | None = None,
+                 selection: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """`attend` on arrays that are all on one device (or one shard): indexer top-k (or the replayed
+    `selection`), then sparse MLA; or dense MLA. -> (o_lat, selected keys or None)."""
     c = config
     v = visibility_in_place(q.q_abs, q_positions=q_positions, k_positions=k_positions,
                             q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids)
     q_positions, k_positions, q_segment_ids, k_segment_ids = (
         v["q_positions"], v["k_positions"], v["q_segment_ids"], v["k_segment_ids"])
     n_keys = kv.kv.shape[1]
-    if c.has_indexer and n_keys > c.index_topk:
-        with jax.named_scope("indexer_topk"):
-            idx = indexer.select(q.index_q, q.index_w, kv.index_k, config=c, q_positions=q_positions,
-                                 k_positions=k_positions, q_segment_ids=q_segment_ids,
-                                 k_segment_ids=k_segment_ids)
+    idx = _replayed(selection, n_keys, c)
+    if is_sparse(c, n_keys):
+        if idx is None:
+            with jax.named_scope("indexer_topk"):
+                idx = indexer.select(q.index_q, q.index_w, kv.index_k, config=c, q_positions=q_positions,
+                                     k_positions=k_positions, q_segment_ids=q_segment_ids,
+                                     k_segment_ids=k_segment_ids)
         with jax.named_scope("sparse_mla"):
             return pallas_kernels.sparse_mla(q.q_abs, q.q_pe, kv.kv, kv.k_pe, idx, scale=c.softmax_scale,
                                              backend=c.attention_backend, interpret=c.kernel_interpret,
-                                             prefix_valid=True)
+                                             prefix_valid=True), idx
     with jax.named_scope("dense_mla"):
         return pallas_kernels.dense_mla(q.q_abs, q.q_pe, kv.kv, kv.k_pe, scale=c.softmax_scale,
                                         q_positions=q_positions, k_positions=k_positions,
                                         q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
-                                        backend=c.attention_backend, interpret=c.kernel_interpret)
+                                        backend=c.attention_backend, interpret=c.kernel_interpret), None
 
 
 def _reads_in_place(cache, layer, config: Config, parallel) -> bool:
@@ -135,21 +154,24 @@ def _reads_in_place(cache, layer, config: Config, parallel) -> bool:
 
 
 def _attend_packed(q: Queries, cache: PackedLatents, layer: jax.Array, config: Config,
-                   positions: jax.Array) -> jax.Array:
+                   positions: jax.Array, selection: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """DSA over layer `layer` of a stacked packed cache, read in place by the kernels (the indexer's key
-    blocks and the sparse MLA's row DMAs address [layer, b, s] directly) -> o_lat [B, T, H, C]."""
+    blocks and the sparse MLA's row DMAs address [layer, b, s] directly) -> (o_lat [B, T, H, C], keys)."""
     c = config
     b, s = positions.shape[0], cache.rows.shape[-2]
     k_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    with jax.named_scope("indexer_topk"):
-        idx = pallas_kernels.indexer_topk(q.index_q, q.index_w, cache.index_k, topk=c.index_topk,
-                                          q_positions=positions, k_positions=k_positions,
-                                          backend=c.indexer_backend, interpret=c.kernel_interpret, k_layer=layer)
+    idx = selection
+    if idx is None:
+        with jax.named_scope("indexer_topk"):
+            idx = pallas_kernels.indexer_topk(q.index_q, q.index_w, cache.index_k, topk=c.index_topk,
+                                              q_positions=positions, k_positions=k_positions,
+                                              backend=c.indexer_backend, interpret=c.kernel_interpret,
+                                              k_layer=layer)
     with jax.named_scope("sparse_mla"):
         o = pallas_kernels.sparse_mla_cached(q.q_abs, q.q_pe, cache.rows, layer, idx, scale=c.softmax_scale,
                                              backend=c.attention_backend, interpret=c.kernel_interpret,
                                              prefix_valid=True)
-    return o.astype(q.q_abs.dtype)
+    return o.astype(q.q_abs.dtype), idx
 
 
 @jax.named_scope("attn_out")
@@ -166,44 +188,53 @@ def output(p: Mapping[str, Any], o_lat: jax.Array, config: Config) -> jax.Array:
 
 
 def _attend_with_indexer_loss(q: Queries, kv: Latents, config: Config, mode: str, *, positions: jax.Array,
-                              segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """Training-time attention plus the indexer's KL loss (spec §10) -> (o_lat, f32 loss).
+                              segment_ids: jax.Array | None, selection: jax.Array | None = None,
+                              ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Training-time attention plus the indexer's KL loss (spec §10) -> (o_lat, f32 loss, selected keys).
 
     "dense_warmup": dense causal attention for every query, KL over all causal keys. "sparse": DSA top-k
     attention as in `attend`, KL over the selected keys (all causal keys when they fit in the top-k).
     "dense_recall" (evaluation): dense attention, and in place of the loss the indexer's top-k recall of the
-    attention's top-k (`indexer_loss.dense_recall`).
+    attention's top-k (`indexer_loss.dense_recall`). selection: as in `attend` ("sparse" only).
     """
     c = config
+    sparse = mode == "sparse" and is_sparse(c, kv.kv.shape[1])
+    if selection is not None and not sparse:
+        raise ValueError(f"a key selection was given to the {mode!r} indexer-loss attention, which attends "
+                         f"every causal key: pass none.")
     vis = visibility_in_place(q.q_abs, q_positions=positions, k_positions=positions, q_segment_ids=segment_ids,
                               k_segment_ids=segment_ids)
     ind = (q.index_q, q.index_w, kv.index_k)
     tgt = (q.q_abs, q.q_pe, kv.kv, kv.k_pe)
-    if mode == "sparse" and kv.kv.shape[1] > c.index_topk:
-        with jax.named_scope("indexer_topk"):
-            idx = indexer.select(*ind, config=c, **vis)
+    if sparse:
+        idx = selection
+        if idx is None:
+            with jax.named_scope("indexer_topk"):
+                idx = indexer.select(*ind, config=c, **vis)
         with jax.named_scope("sparse_mla"):
             o_lat, lse = pallas_kernels.sparse_mla_with_lse(*tgt, idx, scale=c.softmax_scale,
                                                             backend=c.attention_backend,
                                                             interpret=c.kernel_interpret, prefix_valid=True)
         with jax.named_scope("indexer_kl"):
-            return o_lat, indexer_loss_lib.sparse_kl(*ind, *tgt, idx, lse=lse, scale=c.softmax_scale)
+            return o_lat, indexer_loss_lib.sparse_kl(*ind, *tgt, idx, lse=lse, scale=c.softmax_scale), idx
     with jax.named_scope("dense_mla"):
         o_lat = pallas_kernels.dense_mla(*tgt, scale=c.softmax_scale, backend=c.attention_backend,
                                          interpret=c.kernel_interpret, **vis)
     if mode == "dense_recall":  # evaluation: the indexer's top-k recall of the dense attention's top-k
         with jax.named_scope("indexer_recall"):
             return o_lat, indexer_loss_lib.dense_recall(*ind, *tgt, scale=c.softmax_scale, topk=c.index_topk,
-                                                        **vis)
+                                                        **vis), None
     with jax.named_scope("indexer_kl"):
-        return o_lat, indexer_loss_lib.dense_kl(*ind, *tgt, scale=c.softmax_scale, **vis)
+        return o_lat, indexer_loss_lib.dense_kl(*ind, *tgt, scale=c.softmax_scale, **vis), None
 
 
 def mla(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array, config: Config, *,
         positions: jax.Array, segment_ids: jax.Array | None = None, cache: Latents | None = None,
-        layer: jax.Array | None = None, indexer_loss: str | None = None,
-        parallel: Parallelism | None = None) -> tuple[jax.Array, Latents | None, jax.Array | None]:
-    """MLA (+ DSA) self-attention of new tokens x [B, T, D] -> ([B, T, D], updated cache, indexer loss).
+        layer: jax.Array | None = None, indexer_loss: str | None = None, selection: jax.Array | None = None,
+        parallel: Parallelism | None = None
+        ) -> tuple[jax.Array, Latents | None, jax.Array | None, jax.Array | None]:
+    """MLA (+ DSA) self-attention of new tokens x [B, T, D] -> ([B, T, D], updated cache, indexer loss,
+    selected keys).
 
     Without a cache the tokens attend to each other (training, one-shot prefill). With a cache (leaves
     [B, S_max, .], slot index = position; or a stacked [L, B, S_max, .] cache and this `layer`'s index)
@@ -211,25 +242,31 @@ def mla(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array, conf
     past a query's position are invisible by causality.
     indexer_loss (static, training without a cache): None, "dense_warmup" or "sparse" adds the indexer's
     KL loss (f32 scalar; else None), see `_attend_with_indexer_loss`.
-    parallel: the run's layout (`dsjax.parallel`); None = one device.
+    selection: int32 [B, T, index_topk] keys to attend instead of the indexer's choice (replay: what an
+    earlier forward returned; valid slots first, -1 after); the keys used come back (None when attention
+    is dense). parallel: the run's layout (`dsjax.parallel`); None =
+    one device.
     """
     q, kv = project(p, x, cos, sin, config, parallel)
     if indexer_loss is not None:
         indexer_loss_lib.check_mode(indexer_loss, config, has_cache=cache is not None)
-        o_lat, loss = _attend_with_indexer_loss(q, kv, config, indexer_loss, positions=positions,
-                                                segment_ids=segment_ids)
-        return output(p, o_lat, config), None, loss
+        o_lat, loss, idx = _attend_with_indexer_loss(q, kv, config, indexer_loss, positions=positions,
+                                                     segment_ids=segment_ids, selection=selection)
+        return output(p, o_lat, config), None, loss, idx
     if cache is None:
-        o_lat = attend(q, kv, config, q_positions=positions, k_positions=positions,
-                       q_segment_ids=segment_ids, k_segment_ids=segment_ids, parallel=parallel)
-        return output(p, o_lat, config), None, None
+        o_lat, idx = attend(q, kv, config, q_positions=positions, k_positions=positions,
+                            q_segment_ids=segment_ids, k_segment_ids=segment_ids, selection=selection,
+                            parallel=parallel)
+        return output(p, o_lat, config), None, None, idx
     if segment_ids is not None:
         raise ValueError("segment_ids (packed rows) are not supported together with a KV cache.")
     cache = cache_lib.write(cache, kv, positions, layer)
     if _reads_in_place(cache, layer, config, parallel):
-        return output(p, _attend_packed(q, cache, layer, config, positions), config), cache, None
+        o_lat, idx = _attend_packed(q, cache, layer, config, positions, selection)
+        return output(p, o_lat, config), cache, None, idx
     keys = cache_lib.read(cache, layer, config)
     b, s = keys.kv.shape[:2]
     k_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    o_lat = attend(q, keys, config, q_positions=positions, k_positions=k_positions, parallel=parallel)
-    return output(p, o_lat, config), cache, None
+    o_lat, idx = attend(q, keys, config, q_positions=positions, k_positions=k_positions, selection=selection,
+                        parallel=parallel)
+    return output(p, o_lat, config), cache, None, idx

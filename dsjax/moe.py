@@ -27,12 +27,17 @@ class Routing(NamedTuple):
     scores: jax.Array  # f32 [N, E] unbiased sigmoid affinities (for balance losses)
 
 
-def route(x: jax.Array, router: jax.Array, bias: jax.Array, config: Config) -> Routing:
-    """Choose experts for tokens x [N, D] with router [D, E] (fp32) and correction bias [E]."""
+def route(x: jax.Array, router: jax.Array, bias: jax.Array, config: Config,
+          experts: jax.Array | None = None) -> Routing:
+    """Choose experts for tokens x [N, D] with router [D, E] (fp32) and correction bias [E].
+    experts: int32 [N, k] to use instead of choosing (replay of an earlier forward's routing); the
+    combine weights are still this forward's scores of those experts."""
     c = config
     n = x.shape[0]
     e, g = c.n_routed_experts, c.n_group
     scores = jax.nn.sigmoid(dense_fp32(x, router))
+    if experts is not None:
+        return _weights(scores, experts.astype(jnp.int32), c)
     biased = scores + bias.astype(jnp.float32)
     if g > 1:
         grouped = biased.reshape(n, g, e // g)
@@ -41,10 +46,14 @@ def route(x: jax.Array, router: jax.Array, bias: jax.Array, config: Config) -> R
         group_mask = jnp.zeros((n, g), bool).at[jnp.arange(n)[:, None], keep].set(True)
         biased = jnp.where(jnp.repeat(group_mask, e // g, axis=1), biased, -jnp.inf)
     _, experts = jax.lax.top_k(biased, c.num_experts_per_tok)
+    return _weights(scores, experts.astype(jnp.int32), c)
+
+
+def _weights(scores: jax.Array, experts: jax.Array, c: Config) -> Routing:
     w = jnp.take_along_axis(scores, experts, axis=-1)
     if c.norm_topk_prob:
         w = w / jnp.sum(w, axis=-1, keepdims=True)
-    return Routing(w * c.routed_scaling_factor, experts.astype(jnp.int32), scores)
+    return Routing(w * c.routed_scaling_factor, experts, scores)
 
 
 def _grouped_matmul_blocked(x: jax.Array, w: jax.Array, group_sizes: jax.Array, block: int) -> jax.Array:
@@ -153,23 +162,26 @@ class MoEStats(NamedTuple):
 
     load: jax.Array  # f32 [B, E]: per sequence, fraction of its T·k routed slots sent to each expert
     mean_score: jax.Array  # f32 [B, E]: per sequence, mean normalised affinity s'_i (balance loss P_i)
+    experts: jax.Array | None = None  # int32 [B, T, k]: the chosen experts (what `moe(experts=...)` replays)
 
 
-def moe(p: Mapping[str, Any], x: jax.Array, config: Config,
-        parallel: Parallelism | None = None) -> tuple[jax.Array, MoEStats]:
+def moe(p: Mapping[str, Any], x: jax.Array, config: Config, parallel: Parallelism | None = None,
+        experts: jax.Array | None = None) -> tuple[jax.Array, MoEStats]:
     """Shared expert + routed experts. x: [B, T, D] -> ([B, T, D], stats).
 
     parallel: the run's layout; its `route_and_dispatch` runs the routed experts (expert parallelism).
-    None: local `route` + `dispatch` on one device.
+    None: local `route` + `dispatch` on one device. experts: int32 [B, T, k] routing to replay (RL's
+    keep-routing: `MoEStats.experts` of an earlier forward) instead of choosing.
     """
     b, t, d = x.shape
     xf = constrain(x.reshape(b * t, d), FLAT_TOKENS, parallel)
+    ef = None if experts is None else constrain(experts.reshape(b * t, -1), FLAT_TOKENS, parallel)
     if parallel is not None:
         with jax.named_scope("moe_dispatch"):
-            y, r = parallel.route_and_dispatch(xf, p, config)
+            y, r = parallel.route_and_dispatch(xf, p, config, experts=ef)
     else:
         with jax.named_scope("moe_route"):
-            r = route(xf, p["router"], p["bias"], config)
+            r = route(xf, p["router"], p["bias"], config, ef)
         with jax.named_scope("moe_dispatch"):
             y = dispatch(xf, r, p["experts"], config)
     y = constrain(y, FLAT_TOKENS, parallel)
@@ -179,5 +191,5 @@ def moe(p: Mapping[str, Any], x: jax.Array, config: Config,
     e = config.n_routed_experts
     counts = jax.vmap(lambda ids: jnp.bincount(ids, length=e))(r.experts.reshape(b, -1)).astype(jnp.float32)
     norm_scores = (r.scores / jnp.sum(r.scores, axis=-1, keepdims=True)).reshape(b, t, e)
-    stats = MoEStats(counts / (t * r.experts.shape[1]), jnp.mean(norm_scores, axis=1))
+    stats = MoEStats(counts / (t * r.experts.shape[1]), jnp.mean(norm_scores, axis=1), r.experts.reshape(b, t, -1))
     return y.astype(x.dtype).reshape(b, t, d), stats

@@ -36,24 +36,29 @@ def mtp_forward(params: Mapping[str, Any], hidden: jax.Array, next_tokens: jax.A
     the new rows are written at `positions` (< 0: dropped) and the block attends over the whole cache.
     parallel: the run's layout (None = one device), as in `model.forward_hidden`.
     """
-    out, cache, stats, _ = _mtp(params, hidden, next_tokens, config, positions, segment_ids, cache, None, parallel)
+    out, cache, stats, _, _ = _mtp(params, hidden, next_tokens, config, positions, segment_ids, cache, None,
+                                   parallel)
     return (out, cache, stats) if return_stats else (out, cache)
 
 
 def mtp_train_forward(params: Mapping[str, Any], hidden: jax.Array, next_tokens: jax.Array, config: Config, *,
                       positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                      indexer_loss: str | None = None,
-                      parallel: Parallelism | None = None) -> tuple[jax.Array, Any, jax.Array | None]:
+                      indexer_loss: str | None = None, selection: jax.Array | None = None,
+                      experts: jax.Array | None = None, parallel: Parallelism | None = None
+                      ) -> tuple[jax.Array, Any, jax.Array | None, jax.Array | None]:
     """Training form of `mtp_forward` (no cache): (MTP hidden [B, L, D], MoEStats or None, the MTP block's
-    indexer KL loss or None). indexer_loss: None, "dense_warmup" or "sparse", as in `model.forward_hidden`:
-    the block's own lightning indexer learns from the KL to its attention in the DSA training stages."""
-    out, _, stats, iloss = _mtp(params, hidden, next_tokens, config, positions, segment_ids, None, indexer_loss,
-                                parallel)
-    return out, stats, iloss
+    indexer KL loss or None, the keys its DSA attended int32 [B, L, K] or None). indexer_loss: None,
+    "dense_warmup" or "sparse", as in `model.forward_hidden`: the block's own lightning indexer learns from
+    the KL to its attention in the DSA training stages. selection, experts: keys and MoE routing int32
+    [B, L, k] to replay (an earlier call's: its keys, and `MoEStats.experts`)."""
+    out, _, stats, iloss, idx = _mtp(params, hidden, next_tokens, config, positions, segment_ids, None,
+                                     indexer_loss, parallel, selection, experts)
+    return out, stats, iloss, idx
 
 
 @jax.named_scope("mtp")
-def _mtp(params, hidden, next_tokens, config: Config, positions, segment_ids, cache, indexer_loss, parallel):
+def _mtp(params, hidden, next_tokens, config: Config, positions, segment_ids, cache, indexer_loss, parallel,
+         selection=None, experts=None):
     c = config
     if "mtp" not in params:
         raise ValueError("these params have no MTP module (num_nextn_predict_layers=0 or not loaded).")
@@ -63,11 +68,12 @@ def _mtp(params, hidden, next_tokens, config: Config, positions, segment_ids, ca
     e = rms_norm(embed(params, next_tokens, c), p["enorm"], c.rms_norm_eps)
     h = rms_norm(hidden.astype(c.compute_dtype), p["hnorm"], c.rms_norm_eps)
     z = dense(jnp.concatenate([e, h], axis=-1), p["eh_proj"])
-    (f, resid), stats, cache, iloss = block(p["block"], (z, jnp.zeros_like(z)), cos, sin, c, positions=positions,
-                                            segment_ids=segment_ids, is_moe=c.mtp_is_moe, cache=cache,
-                                            indexer_loss=indexer_loss, parallel=parallel)
+    (f, resid), stats, cache, iloss, idx = block(p["block"], (z, jnp.zeros_like(z)), cos, sin, c,
+                                                 positions=positions, segment_ids=segment_ids, is_moe=c.mtp_is_moe,
+                                                 cache=cache, indexer_loss=indexer_loss, selection=selection,
+                                                 experts=experts, parallel=parallel)
     out, _ = add_rms_norm(f, resid, p["norm"], c.rms_norm_eps)
-    return out, cache, stats, iloss
+    return out, cache, stats, iloss, idx
 
 
 def mtp_hidden(params: Mapping[str, Any], hidden: jax.Array, next_tokens: jax.Array, config: Config, *,

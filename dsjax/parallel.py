@@ -46,15 +46,18 @@ class Parallelism(abc.ABC):
     mesh: jax.sharding.Mesh
 
     @abc.abstractmethod
-    def attend(self, local: Callable[..., jax.Array], q: "Queries", kv: "Latents", config: "Config", *,
+    def attend(self, local: Callable[..., Any], q: "Queries", kv: "Latents", config: "Config", *,
                q_positions: jax.Array, k_positions: jax.Array, q_segment_ids: jax.Array | None = None,
-               k_segment_ids: jax.Array | None = None) -> jax.Array:
-        """`local(q, kv, config, **visibility)` (attention on one device's arrays) run over the layout:
-        o_lat [B, T, H, kv_lora_rank]."""
+               k_segment_ids: jax.Array | None = None,
+               selection: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+        """`local(q, kv, config, **visibility, selection=...)` (attention on one device's arrays) run over
+        the layout: (o_lat [B, T, H, kv_lora_rank], selected keys int32 [B, T, index_topk] or None)."""
 
     @abc.abstractmethod
-    def route_and_dispatch(self, x: jax.Array, p: Any, config: "Config") -> tuple[jax.Array, "Routing"]:
-        """Routed experts of one MoE layer for tokens x [N, D] -> (f32 [N, D], Routing)."""
+    def route_and_dispatch(self, x: jax.Array, p: Any, config: "Config",
+                           experts: jax.Array | None = None) -> tuple[jax.Array, "Routing"]:
+        """Routed experts of one MoE layer for tokens x [N, D] -> (f32 [N, D], Routing). experts: int32
+        [N, k] routing to replay instead of choosing."""
 
     @abc.abstractmethod
     def forward(self, params: Any, tokens: Any, config: "Config", *, positions: Any = None,

@@ -190,7 +190,7 @@ def cp_table(config, sp: int, length: int):
             cl, sl = cos_sin(config, pos)
             q, _ = attention.project(p, x, cl, sl, config)
             _, kv = attention.project(p, full, cf, sf, config)
-            o = attention.attend_local(q, kv, config, q_positions=pos, k_positions=full_pos)
+            o, _ = attention.attend_local(q, kv, config, q_positions=pos, k_positions=full_pos)
             return attention.output(p, o, config)
         pos = jnp.arange(length, dtype=jnp.int32)[None]
         specs = (jax.tree.map(lambda s: P(), p_shards), P(None, "sequence"), P(None, "sequence"))

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from dsjax.attention import is_sparse
 from dsjax.latents import Latents, Queries
 from dsjax.config import Config
 from sharding.rules import RULES, logical_to_spec, spec_size
@@ -88,7 +89,7 @@ def make_attend(mesh: Mesh, key_order: np.ndarray | None = None) -> Callable[...
     inverse = None if key_order is None else np.argsort(key_order).astype(np.int32)
 
     def attend(local_fn: Callable, q: Queries, kv: Latents, config: Config, *, q_positions, k_positions,
-             q_segment_ids=None, k_segment_ids=None) -> jax.Array:
+               q_segment_ids=None, k_segment_ids=None, selection=None) -> tuple[jax.Array, jax.Array | None]:
         b, t = q.q_abs.shape[:2]
         s = kv.kv.shape[1]
         qp = jnp.broadcast_to(q_positions, (b, t))
@@ -104,21 +105,22 @@ def make_attend(mesh: Mesh, key_order: np.ndarray | None = None) -> Callable[...
         k_row = PartitionSpec(*k_tok, None)
         restore = inverse is not None and q_seq and k_seq and s == t == len(inverse)
 
-        def local(qa, qpe, iq, iw, kvl, kpe, ik, qpos, kpos, qseg, kseg):
+        def local(qa, qpe, iq, iw, kvl, kpe, ik, qpos, kpos, qseg, kseg, sel):
             if k_seq:  # bring every key's compressed state (and position / segment) to every shard
                 g = lambda a: None if a is None else jax.lax.all_gather(a, SEQUENCE_AXIS, axis=1, tiled=True)
                 kvl, kpe, ik, kpos, kseg = g(kvl), g(kpe), g(ik), g(kpos), g(kseg)
                 if restore:
                     r = lambda a: None if a is None else jnp.take(a, inverse, axis=1)
                     kvl, kpe, ik, kpos, kseg = r(kvl), r(kpe), r(ik), r(kpos), r(kseg)
+            # selected keys index the gathered keys in natural order, as on one device
             return local_fn(Queries(qa, qpe, iq, iw), Latents(kvl, kpe, ik), config, q_positions=qpos,
-                            k_positions=kpos, q_segment_ids=qseg, k_segment_ids=kseg)
+                            k_positions=kpos, q_segment_ids=qseg, k_segment_ids=kseg, selection=sel)
 
         q_row = PartitionSpec(*q_tok, None)
         args = (q.q_abs, q.q_pe, q.index_q, q.index_w, kv.kv, kv.k_pe, kv.index_k, qp, kp,
-                q_segment_ids, k_segment_ids)
+                q_segment_ids, k_segment_ids, selection)
         specs = (q_spec, q_spec, PartitionSpec(*q_tok, None, None), q_row, k_row, k_row, k_row, q_tok, k_tok,
-                 q_tok, k_tok)
-        return _smap_call(local, mesh, args, specs, q_spec)
+                 q_tok, k_tok, q_row)
+        return _smap_call(local, mesh, args, specs, (q_spec, q_row if is_sparse(config, s) else None))
 
     return attend

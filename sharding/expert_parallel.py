@@ -144,13 +144,14 @@ def _exchange(x, ids, combine, w, *, config: Config, ep: int, tp: int, impl: str
     return jnp.einsum("nkd,nk->nd", slots.reshape(n, k, d).astype(jnp.float32), combine)
 
 
-def _dispatch_local(x, valid, router, bias, experts, *, config: Config, ep: int, tp: int, impl: str,
-                    split: dict[str, bool], chunk: int):
-    """Per-device body: route the local tokens (padding rows route nowhere), then run them through the
-    exchange in chunks of `chunk` (bounded worst-case buffers), each chunk rematerialised in the backward
-    pass so only one chunk's buffers are alive at a time. Returns (f32 [n, D], Routing)."""
+def _dispatch_local(x, valid, router, bias, experts, chosen, *, config: Config, ep: int, tp: int, impl: str,
+                    split: dict[str, bool], chunk: int, replay: bool):
+    """Per-device body: route the local tokens (padding rows route nowhere; with `replay`, to the experts
+    `chosen`), then run them through the exchange in chunks of `chunk` (bounded worst-case buffers), each
+    chunk rematerialised in the backward pass so only one chunk's buffers are alive at a time. Returns
+    (f32 [n, D], Routing)."""
     with jax.named_scope("moe_route"):
-        r = route(x, router, bias, config)
+        r = route(x, router, bias, config, chosen if replay else None)
     ids, combine = jnp.where(valid[:, None], r.experts, -1), r.weights
     fp8_acts = config.official_numerics and is_fp8(experts["gate"])
     w = _local_weights(experts, jnp.float32 if fp8_acts else x.dtype, tp, split)  # exact FP8 values in f32
@@ -205,8 +206,12 @@ def make_dispatch(mesh: Mesh, impl: str | None = None,
         raise ValueError(f"expert-parallel impl={impl!r}: expected one of {IMPLS}.")
     ep, tp = axis_size(mesh, EXPERT_AXIS), axis_size(mesh, TENSOR_AXIS)
 
-    def dispatch(x: jax.Array, p: Mapping[str, Any], config: Config) -> tuple[jax.Array, Routing]:
+    def dispatch(x: jax.Array, p: Mapping[str, Any], config: Config,
+                 chosen: jax.Array | None = None) -> tuple[jax.Array, Routing]:
         n, d = x.shape
+        replay = chosen is not None
+        if chosen is None:
+            chosen = jnp.zeros((n, config.num_experts_per_tok), jnp.int32)  # unused: routed inside
         tok_spec = logical_to_spec(("act_tokens", None), mesh)
         shards = spec_size(tok_spec, mesh, 0)
         local = -(-n // shards)
@@ -219,6 +224,7 @@ def make_dispatch(mesh: Mesh, impl: str | None = None,
         valid = jnp.arange(n + pad) < n
         if pad:
             x = jnp.pad(x, ((0, pad), (0, 0)))
+            chosen = jnp.pad(chosen, ((0, pad), (0, 0)))
         experts = p["experts"]
         f_local = config.moe_intermediate_size // tp
         if config.official_numerics and is_fp8(experts["gate"]) and tp > 1 and f_local % fp8.BLOCK:
@@ -227,7 +233,8 @@ def make_dispatch(mesh: Mesh, impl: str | None = None,
                              f"leaves {f_local} per device, not whole blocks. Use a tensor size that keeps "
                              "multiples of 128, or the bf16 numerics.")
         specs, split = _expert_specs(experts, mesh, config.fp8_weight_block or fp8.BLOCK)
-        local_fn = functools.partial(_dispatch_local, config=config, ep=ep, tp=tp, split=split, chunk=chunk)
+        local_fn = functools.partial(_dispatch_local, config=config, ep=ep, tp=tp, split=split, chunk=chunk,
+                                     replay=replay)
         if impl is None and cpu_only():
             body = functools.partial(local_fn, impl="padded")
         elif impl is None:
@@ -238,9 +245,9 @@ def make_dispatch(mesh: Mesh, impl: str | None = None,
             body = functools.partial(local_fn, impl=impl)
         # routing runs inside too: XLA's partitioner would all-gather every token's scores for top_k
         rep = PartitionSpec()
-        out, r = jax.shard_map(body, mesh=mesh, in_specs=(tok_spec, tok_spec, rep, rep, specs),
+        out, r = jax.shard_map(body, mesh=mesh, in_specs=(tok_spec, tok_spec, rep, rep, specs, tok_spec),
                                out_specs=(tok_spec, Routing(tok_spec, tok_spec, tok_spec)),
-                               check_vma=False)(x, valid, p["router"], p["bias"], dict(experts))
+                               check_vma=False)(x, valid, p["router"], p["bias"], dict(experts), chosen)
         return out[:n], Routing(*(a[:n] for a in r))
 
     return dispatch

@@ -64,12 +64,14 @@ class MeshParallelism(Parallelism):
             raise ValueError(f"ep_buffer_bytes={self.ep_buffer_bytes} must be positive.")
 
     # --------------------------------------------------------------------------- the model's calls
-    def attend(self, local: Callable[..., jax.Array], q: Queries, kv: Latents, config: Config, **vis) -> jax.Array:
+    def attend(self, local: Callable[..., Any], q: Queries, kv: Latents, config: Config,
+               **vis) -> tuple[jax.Array, jax.Array | None]:
         order = zigzag_order(kv.kv.shape[1], axis_size(self.mesh, SEQUENCE_AXIS)) if self.zigzag else None
         return make_attend(self.mesh, order)(local, q, kv, config, **vis)
 
-    def route_and_dispatch(self, x: jax.Array, p: Any, config: Config) -> tuple[jax.Array, Routing]:
-        return make_dispatch(self.mesh, self.ep_impl, self.ep_buffer_bytes)(x, p, config)
+    def route_and_dispatch(self, x: jax.Array, p: Any, config: Config,
+                           experts: jax.Array | None = None) -> tuple[jax.Array, Routing]:
+        return make_dispatch(self.mesh, self.ep_impl, self.ep_buffer_bytes)(x, p, config, experts)
 
     # --------------------------------------------------------------------------- placement
     def sharding(self, axes: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
@@ -100,13 +102,15 @@ def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh) -> jax.Array
 
 def forward_with_aux(params: Any, tokens: jax.Array, config: Config, layout: Mesh | MeshParallelism, *,
                      positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                     remat: str | None = None, zigzag: bool = True, **options: Any) -> tuple[jax.Array, model.Aux]:
+                     remat: str | None = None, zigzag: bool = True, selection: Any = None,
+                     record_selection: bool = False, **options: Any) -> tuple[jax.Array, model.Aux]:
     """`dsjax.forward_with_aux` on a mesh (traceable; call it inside jit / grad).
 
     layout: a Mesh or a `MeshParallelism` (options: its fields, e.g. ep_impl="padded").
     tokens, positions, segment_ids: int32 [B, L] in natural order. With `sequence` > 1 (and L a multiple
     of 2·sequence) the tokens run in zig-zag order and the outputs are put back in natural order.
-    Returns (logits f32 [B, L, V], Aux with hidden [B, L, D] in natural order).
+    selection, record_selection: as in `dsjax.model.forward_hidden` (selected keys in natural order too).
+    Returns (logits f32 [B, L, V], Aux with hidden [B, L, D] (and the selection) in natural order).
     """
     par = as_parallelism(layout, **options)
     mesh = par.mesh
@@ -116,15 +120,19 @@ def forward_with_aux(params: Any, tokens: jax.Array, config: Config, layout: Mes
     if order is not None:
         tokens, positions = tokens[:, order], positions[:, order]
         segment_ids = None if segment_ids is None else segment_ids[:, order]
+        selection = None if selection is None else jax.tree.map(lambda a: a[:, order], dict(selection))
     tokens, positions = constrain(tokens, TOKEN_AXES, mesh), constrain(positions, TOKEN_AXES, mesh)
     if segment_ids is not None:
         segment_ids = constrain(segment_ids, TOKEN_AXES, mesh)
     logits, aux = model.forward_with_aux(params, tokens, config, positions=positions, segment_ids=segment_ids,
-                                         remat=remat, parallel=dataclasses.replace(par, zigzag=order is not None))
+                                         remat=remat, selection=selection, record_selection=record_selection,
+                                         parallel=dataclasses.replace(par, zigzag=order is not None))
     if order is not None:
         inverse = np.argsort(order)
         logits = logits[:, inverse]
-        aux = aux._replace(hidden=aux.hidden[:, inverse])
+        aux = aux._replace(hidden=aux.hidden[:, inverse],
+                           selection=None if aux.selection is None else {k: v[:, inverse]
+                                                                         for k, v in aux.selection.items()})
     return constrain(logits, LOGITS_AXES, mesh), aux
 
 

@@ -219,7 +219,11 @@ def main(out_path: str, names: list[str]) -> None:
     tokens = jax.random.randint(jax.random.key(1), (B, T), 0, CFG.vocab_size)
     ct = jax.random.normal(jax.random.key(2), (B, T, CFG.vocab_size))
     t0 = time.time()
-    ref_step = jax.jit(_loss_fn(lambda p, tk: model.forward_with_aux(p, tk, CFG)[0], ct))
+    # Every layout replays the reference's discrete choices (DSA keys, MoE routing): another summation order
+    # flips near ties, and one flipped key or expert moves the logits by ~1% (tests/test_train_mesh.py).
+    sel = jax.jit(lambda p, tk: model.forward_with_aux(p, tk, CFG, record_selection=True)[1].selection)(
+        params, tokens)
+    ref_step = jax.jit(_loss_fn(lambda p, tk: model.forward_with_aux(p, tk, CFG, selection=sel)[0], ct))
     (ref_loss, ref_logits), ref_grads = ref_step(params, tokens)
     res["timing"]["reference"] = time.time() - t0
     res["reference_max_logit"] = float(jnp.max(jnp.abs(ref_logits)))
@@ -232,10 +236,18 @@ def main(out_path: str, names: list[str]) -> None:
         outs = ((sharding.logical_to_sharding((), mesh),
                  sharding.logical_to_sharding(sharding.LOGITS_AXES, mesh, ref_logits.shape)),
                 sharding.param_shardings(CFG, mesh))
-        step = jax.jit(_loss_fn(lambda p, t, mesh=mesh: sharding.forward_with_aux(p, t, CFG, mesh)[0], ct),
+        step = jax.jit(_loss_fn(lambda p, t, mesh=mesh: sharding.forward_with_aux(p, t, CFG, mesh,
+                                                                                 selection=sel)[0], ct),
                        out_shardings=outs)
         (loss, logits), grads = step(ps, tk)
-        r = {
+        r = {}
+        if LAYOUTS[name].get("sequence", 1) > 1:  # the layout's own choices (gathered index keys): near-equal
+            own = jax.jit(lambda p, t, mesh=mesh: sharding.forward_with_aux(p, t, CFG, mesh,
+                                                                            record_selection=True)[1].selection)(ps, tk)
+            r["own_selection_agree"] = {k: float(np.mean(np.all(np.sort(np.asarray(own[k]), -1)
+                                                                == np.sort(np.asarray(sel[k]), -1), -1)))
+                                        for k in sel}
+        r |= {
             "logits_err": float(jnp.max(jnp.abs(logits - ref_logits))),
             "loss": float(loss), "ref_loss": float(ref_loss),
             "grad_rel_err": _errors(grads, ref_grads),

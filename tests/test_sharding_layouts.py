@@ -65,6 +65,10 @@ def test_layout_matches_one_device(report, layout):
     worst = max(r["grad_rel_err"].items(), key=lambda kv: kv[1])
     assert worst[1] < 1e-4, worst  # every parameter's gradient, relative to its largest entry
     assert len(r["grad_rel_err"]) > 40  # all leaves were compared
+    assert ("own_selection_agree" in r) == ("sequence" in layout)
+    if "own_selection_agree" in r:  # sequence split: its own keys and routing, flip-tolerantly the reference's
+        assert set(r["own_selection_agree"]) == {"dense", "moe", "moe_experts"}, r["own_selection_agree"]
+        assert min(r["own_selection_agree"].values()) >= 0.97, r["own_selection_agree"]
 
 
 @pytest.mark.parametrize("layout", list(EXPECTED))

@@ -170,6 +170,50 @@ def _commit(x: jax.Array) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------------ loss
+def _runs_mtp(params: Mapping[str, Any], tc: TrainConfig) -> tuple[bool, bool]:
+    """(MTP cross-entropy, MTP indexer KL): whether the step runs the MTP block, and for which."""
+    mtp_ce = bool(tc.mtp_weight) and "mtp" in params and tc.stage != "indexer_warmup"
+    mtp_kl = "mtp" in params and tc.stage != "sft"  # the MTP block's own indexer trains in the DSA stages
+    return mtp_ce, mtp_kl
+
+
+def _forwards(params: Mapping[str, Any], mb: Mapping[str, Any], config: Config, tc: TrainConfig,
+              parallel: Parallelism | None, record: bool = False):
+    """The step's forward passes: (model Aux, (MTP hidden, MTP MoE stats, MTP indexer loss, MTP keys) or
+    Nones). mb["selection"], when present, replays the sparse attention pattern (`selection`)."""
+    tokens, seg, pos = mb["tokens"], mb["segment_ids"], mb["positions"]
+    kw = {"indexer_loss": _INDEXER_LOSS[tc.stage]} if tc.stage != "sft" else {}
+    sel = dict(mb.get("selection") or {})
+    mtp_sel, mtp_ex = sel.pop("mtp", None), sel.pop("mtp_experts", None)
+    aux = model.forward_hidden(params, tokens, config, positions=pos, segment_ids=seg, remat=tc.remat,
+                               selection=sel or None, record_selection=record, parallel=parallel, **kw)
+    mtp = (None, None, None, None)
+    if any(_runs_mtp(params, tc)):
+        next_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+        mtp = mtp_lib.mtp_train_forward(params, aux.hidden, next_tokens, config, positions=pos, segment_ids=seg,
+                                        selection=mtp_sel, experts=mtp_ex, parallel=parallel, **kw)
+    elif mtp_sel is not None or mtp_ex is not None:
+        raise ValueError("selection has 'mtp' entries but this step does not run the MTP block.")
+    return aux, mtp
+
+
+def selection(params: Mapping[str, Any], batch: Mapping[str, jax.Array], config: Config, tc: TrainConfig,
+              parallel: Parallelism | None = None) -> dict[str, jax.Array]:
+    """The discrete choices of the step's forward for this batch, as `batch["selection"]` takes them: keys
+    of every DSA layer {"dense" / "moe": int32 [B, L, n_layers, K], "mtp": [B, L, K]} (sparse layers only)
+    and MoE routing {"moe_experts": [B, L, n_moe, k], "mtp_experts": [B, L, k]}. With it in the batch, a
+    later step attends the same keys and routes to the same experts whatever its indexer and router would
+    now pick: on another layout or after an update (RL's keep-routing and keep-the-selection; exact
+    comparisons across summation orders, which flip near ties). Pure; jit it. No LoRA adapters applied."""
+    aux, (_, stats, _, mtp_idx) = _forwards(params, batch, config, tc, parallel, record=True)
+    out = dict(aux.selection)
+    if mtp_idx is not None:
+        out["mtp"] = mtp_idx
+    if stats is not None:
+        out["mtp_experts"] = stats.experts
+    return out
+
+
 def _loss(train: Mapping[str, jax.Array], variables: Mapping[str, Any], mb: Mapping[str, jax.Array],
           denom: Mapping[str, jax.Array], config: Config, tc: TrainConfig, parallel: Parallelism | None = None):
     """Objective of one micro-batch, already divided by the global normalisers -> (loss, (terms, loads)).
@@ -177,12 +221,10 @@ def _loss(train: Mapping[str, jax.Array], variables: Mapping[str, Any], mb: Mapp
     devices = 1 if parallel is None else parallel.mesh.size
     v = combine(variables, train)
     params = v["params"] if tc.lora is None else lora_lib.apply(v["params"], v["lora"], config, tc.lora)
-    tokens, seg, pos = mb["tokens"], mb["segment_ids"], mb["positions"]
-    kw = {"indexer_loss": _INDEXER_LOSS[tc.stage]} if tc.stage != "sft" else {}
+    seg = mb["segment_ids"]
     # the logits are split over every mesh axis (batch, sequence, vocab over tensor): bound the global chunk
     chunk = None if tc.ce_chunk_bytes is None else tc.ce_chunk_bytes * devices
-    aux = model.forward_hidden(params, tokens, config, positions=pos, segment_ids=seg, remat=tc.remat,
-                               parallel=parallel, **kw)
+    aux, (h, stats, mtp_iloss, _) = _forwards(params, mb, config, tc, parallel)
     ce_sum, _ = head_cross_entropy(aux.hidden, params["lm_head"], mb["targets"], mb["weights"],
                                    chunk_bytes=chunk)
     terms = {"ce": ce_sum / denom["tokens"]}
@@ -190,14 +232,9 @@ def _loss(train: Mapping[str, jax.Array], variables: Mapping[str, Any], mb: Mapp
     if config.n_moe_layers:
         terms["balance"] = balance_loss(aux.moe_load, aux.moe_score) / tc.grad_accum
         loads["moe"] = jnp.mean(aux.moe_load, axis=1)  # [L_moe, E]
-    mtp_ce = bool(tc.mtp_weight) and "mtp" in params and tc.stage != "indexer_warmup"
-    mtp_kl = "mtp" in params and tc.stage != "sft"  # the MTP block's own indexer trains in the DSA stages
-    if mtp_ce or mtp_kl:
-        next_tokens = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-        h, stats, mtp_iloss = mtp_lib.mtp_train_forward(params, aux.hidden, next_tokens, config, positions=pos,
-                                                        segment_ids=seg, parallel=parallel, **kw)
-        if mtp_kl:
-            terms["mtp_indexer_kl"] = mtp_iloss / tc.grad_accum
+    mtp_ce, mtp_kl = _runs_mtp(params, tc)
+    if mtp_kl:
+        terms["mtp_indexer_kl"] = mtp_iloss / tc.grad_accum
     if mtp_ce:
         t2, w2 = mtp_targets(mb["targets"], mb["weights"], seg)
         terms["mtp"] = head_cross_entropy(h, params["lm_head"], t2, w2, chunk_bytes=chunk)[0] \
@@ -221,7 +258,7 @@ def _microbatches(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array
     b = batch["tokens"].shape[0]
     if b % n:
         raise ValueError(f"batch of {b} rows is not divisible into grad_accum={n} micro-batches.")
-    return {k: v.reshape((n, b // n) + v.shape[1:]) for k, v in batch.items()}
+    return jax.tree.map(lambda v: v.reshape((n, b // n) + v.shape[1:]), dict(batch))
 
 
 def train_step(state: Mapping[str, Any], batch: Mapping[str, jax.Array], *, config: Config,

@@ -153,16 +153,18 @@ def place_state(state: Any, config: Config, parallel: Parallelism | None) -> Any
 
 
 def place_batch(batch: Mapping[str, np.ndarray], parallel: Parallelism | None) -> dict[str, jax.Array]:
-    """Host batch -> device arrays; on a layout sharded over the data axes (each process gives its rows)."""
+    """Host batch -> device arrays; on a layout sharded over the data axes (each process gives its rows).
+    Every leaf is [B, L, ...] (a replayed `selection` too), split like the tokens."""
     if parallel is None:
-        return {k: jnp.asarray(v) for k, v in batch.items()}
-    out = {}
-    for k, v in batch.items():
+        return jax.tree.map(jnp.asarray, dict(batch))
+
+    def put(v):
         shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
-        s = parallel.sharding(parallel_lib.TOKENS, shape)
-        out[k] = jax.device_put(v, s) if jax.process_count() == 1 else \
+        s = parallel.sharding(parallel_lib.TOKENS + (None,) * (v.ndim - 2), shape)
+        return jax.device_put(v, s) if jax.process_count() == 1 else \
             jax.make_array_from_process_local_data(s, v, shape)
-    return out
+
+    return jax.tree.map(put, dict(batch))
 
 
 # --------------------------------------------------------------------------------------------- run
