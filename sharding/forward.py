@@ -137,14 +137,17 @@ def forward_with_aux(params: Any, tokens: jax.Array, config: Config, layout: Mes
 
 
 @functools.partial(jax.jit, static_argnames=("config", "par"))
-def _sharded_logits(params, tokens, positions, segment_ids, config, par):
-    return forward_with_aux(params, tokens, config, par, positions=positions, segment_ids=segment_ids)[0]
+def _sharded_logits(params, tokens, positions, segment_ids, selection, config, par):
+    return forward_with_aux(params, tokens, config, par, positions=positions, segment_ids=segment_ids,
+                            selection=selection)[0]
 
 
 def sharded_forward(params: Any, tokens: Any, config: Config, layout: Mesh | MeshParallelism, *,
-                    positions: Any = None, segment_ids: Any = None, **options: Any) -> jax.Array:
+                    positions: Any = None, segment_ids: Any = None, selection: Any = None,
+                    **options: Any) -> jax.Array:
     """Logits f32 [B, L, V] of tokens int32 [B, L], computed on a mesh (what `dsjax.forward(parallel=...)`
-    calls). layout: a Mesh or a `MeshParallelism` (options: its fields).
+    calls). layout: a Mesh or a `MeshParallelism` (options: its fields). selection: discrete choices to
+    replay (`dsjax.model.forward_hidden`), leaves [B, L, ...].
 
     Params not yet placed by the rules are placed first (`shard_params`; a no-op when they are).
     The logits come back sharded: batch over (data, fsdp, expert), length over sequence, vocab over tensor.
@@ -155,5 +158,11 @@ def sharded_forward(params: Any, tokens: Any, config: Config, layout: Mesh | Mes
     params = shard_params(params, config, mesh)
     tokens = jnp.asarray(tokens, jnp.int32) if jax.process_count() == 1 else np.asarray(tokens, np.int32)
     tok = logical_to_sharding(TOKEN_AXES, mesh, tokens.shape)
-    place = lambda a: None if a is None else put(a if jax.process_count() > 1 else jnp.asarray(a, jnp.int32), tok)
-    return _sharded_logits(params, put(tokens, tok), place(positions), place(segment_ids), config, par)
+    def place(a):
+        if a is None:
+            return None
+        a = a if jax.process_count() > 1 else jnp.asarray(a, jnp.int32)
+        return put(a, tok if a.ndim == 2 else logical_to_sharding(TOKEN_AXES + (None,) * (a.ndim - 2), mesh, a.shape))
+
+    sel = None if selection is None else {k: place(v) for k, v in selection.items()}
+    return _sharded_logits(params, put(tokens, tok), place(positions), place(segment_ids), sel, config, par)

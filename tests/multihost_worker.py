@@ -60,8 +60,13 @@ def main(pid: int, port: int, out_path: str) -> None:
     tokens = np.asarray(jax.random.randint(jax.random.key(1), (B, T), 0, CFG.vocab_size))
     opt = optax.sgd(0.1, momentum=0.9)  # linear in the gradients: a step compares like the gradients do
 
-    # one process's view: the whole step on its first local device
-    ref = jax.jit(train_step(lambda p, t: model.forward_with_aux(p, t, CFG)[0], opt))(
+    # one process's view: the whole step on its first local device. Both runs replay its discrete choices
+    # (DSA keys, MoE routing): the sharded run's other summation order can flip a near tie
+    # (tests/test_train_mesh.py), which moves logits by ~1%.
+    sel = jax.jit(lambda p, t: model.forward_with_aux(p, t, CFG, record_selection=True)[1].selection)(
+        params, jnp.asarray(tokens))
+    sel = jax.tree.map(np.asarray, sel)
+    ref = jax.jit(train_step(lambda p, t: model.forward_with_aux(p, t, CFG, selection=sel)[0], opt))(
         params, opt.init(params), jnp.asarray(tokens))
     ref = jax.tree.map(np.asarray, ref)
 
@@ -74,10 +79,10 @@ def main(pid: int, port: int, out_path: str) -> None:
         jax.eval_shape(opt.init, params), CFG, mesh))(ps)
     tk = sharding.put(tokens, sharding.logical_to_sharding(sharding.TOKEN_AXES, mesh, tokens.shape))
     rep = sharding.logical_to_sharding((), mesh)
-    step = jax.jit(train_step(lambda p, t: sharding.forward_with_aux(p, t, CFG, mesh)[0], opt),
+    step = jax.jit(train_step(lambda p, t: sharding.forward_with_aux(p, t, CFG, mesh, selection=sel)[0], opt),
                    out_shardings=rep)  # replicated results: every process can read them whole
     got = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), step(ps, state, tk))
-    shard = sharding.sharded_forward(ps, tokens, CFG, mesh).addressable_shards[0]  # the public entry point
+    shard = sharding.sharded_forward(ps, tokens, CFG, mesh, selection=sel).addressable_shards[0]  # public entry
 
     rel = lambda a, b: float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
     res = {
