@@ -86,7 +86,8 @@ def test_restore_into_target_shardings(tmp_path):
     fp8_dir, _ = C.fp8_checkpoint(src, str(tmp_path / "fp8"), str(tmp_path / "ref"), mtp=True)
     convert.convert(fp8_dir, tmp_path / "plain", dtype="bfloat16", progress=False)
     convert.convert(fp8_dir, tmp_path / "kept", dtype="bfloat16", keep_fp8=True, progress=False)
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, PYTHONPATH=ROOT,
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "plain"), str(tmp_path / "kept")],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert r.returncode == 0 and "OK" in r.stdout, (r.stdout[-3000:], r.stderr[-5000:])

@@ -132,7 +132,7 @@ def test_fsdp_mesh_step_matches_single_device(tmp_path):
     np.savez(tmp_path / "mu.npz", **mu)
     np.savez(tmp_path / "new.npz", **new)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
-           "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+           "JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"}
     proc = subprocess.run([sys.executable, "-c", WORKER, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0 and "MESH_OK" in proc.stdout, proc.stderr[-4000:]
