@@ -47,6 +47,12 @@ class GenerationResult(NamedTuple):
     tokens: list[list[int]]  # new tokens per prompt (a stop token, when hit, is the last element)
     logits: list[np.ndarray] | None  # per prompt f32 [n_new, V]: the logits each new token was drawn from
     stats: dict[str, float]  # timings (s), token counts, steps, MTP drafts / accepted / acceptance_rate
+    # record=True: per prompt {"logprobs": f32 [n_new] (log-prob of each new token under the distribution it
+    # was drawn from: tempered, truncated), "masks": uint32 [n_new, ceil(V/32)] (that kept vocabulary,
+    # `sampling.pack_mask`), "selection": {"dense"/"moe": int32 [P + n_new - 1, n, K] DSA keys, "moe_experts":
+    # [P + n_new - 1, n, k] MoE routing} for every token fed to the model (the prompt's P, then each new
+    # token but the last): what a training forward over prompt + completion replays (`batch["selection"]`)}
+    record: list[dict[str, Any]] | None = None
 
 
 class _State(NamedTuple):
@@ -74,6 +80,7 @@ class _Out(NamedTuple):
     accepted: jax.Array  # bool [B]: ... and the model agreed with it
     done: jax.Array  # bool [B]
     logits: jax.Array | None  # f32 [B, T, V] (with_logits only)
+    record: dict[str, Any] | None = None  # record only: "logprob" f32 [B], "mask" uint32 [B, W], "selection"
 
 
 # ----------------------------------------------------------------------------- jitted pieces
@@ -83,17 +90,26 @@ def _sample(logits, consts: _Consts, count, greedy: bool):
                            top_k=consts.top_k)
 
 
+def _sample_record(y, logits, consts: _Consts) -> dict[str, jax.Array]:
+    """What the sampler did for tokens y [B] drawn from logits [B, V]: log π_old(y) and the kept vocabulary."""
+    drawn = sampling.sampling_logits(logits, temperature=consts.temperature, top_p=consts.top_p,
+                                     top_k=consts.top_k)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(drawn, axis=-1), y[:, None], axis=-1)[:, 0]
+    return {"logprob": logp, "mask": sampling.pack_mask(drawn > -jnp.inf)}
+
+
 def _is_stop(tok, stop):
     return jnp.any(tok[:, None] == stop, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "use_mtp", "parallel"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "use_mtp", "parallel", "record"), donate_argnames=("cache",))
 def _prefill_chunk(params, cache, tokens, positions, next_tokens, mtp_positions, last_rel, last_hidden, *,
-                   config: Config, use_mtp: bool, parallel: Parallelism | None = None):
+                   config: Config, use_mtp: bool, parallel: Parallelism | None = None, record: bool = False):
     """One prefill chunk: tokens/positions [B, C] (position -1 = padding). Writes the chunk's latents and
-    keeps the hidden state of each sequence's last prompt token (`last_rel` = its index in this chunk)."""
+    keeps the hidden state of each sequence's last prompt token (`last_rel` = its index in this chunk).
+    -> (cache, last hidden, the chunk's DSA keys and routing [B, C, ...] when `record`)."""
     aux = model.forward_hidden(params, tokens, config, positions=positions, cache=cache_lib.layer_caches(cache),
-                               parallel=parallel)
+                               record_selection=record, parallel=parallel)
     new = {**cache, **aux.cache}
     if use_mtp:
         # Position i of the MTP block reads t_{i+1}; for the last prompt token that is the first new token,
@@ -104,13 +120,13 @@ def _prefill_chunk(params, cache, tokens, positions, next_tokens, mtp_positions,
     inside = (last_rel >= 0) & (last_rel < c)
     h = jnp.take_along_axis(aux.hidden, jnp.clip(last_rel, 0, c - 1)[:, None, None], axis=1)[:, 0]
     new["lengths"] = jnp.maximum(cache["lengths"], jnp.max(positions, axis=1) + 1)
-    return new, jnp.where(inside[:, None], h, last_hidden)
+    return new, jnp.where(inside[:, None], h, last_hidden), aux.selection
 
 
-@functools.partial(jax.jit, static_argnames=("config", "greedy", "use_mtp", "with_logits", "parallel"),
+@functools.partial(jax.jit, static_argnames=("config", "greedy", "use_mtp", "with_logits", "parallel", "record"),
                    donate_argnames=("cache",))
 def _start(params, cache, last_hidden, consts: _Consts, *, config: Config, greedy: bool, use_mtp: bool,
-           with_logits: bool, parallel: Parallelism | None = None):
+           with_logits: bool, parallel: Parallelism | None = None, record: bool = False):
     """First new token from the last prompt position (and the first MTP draft)."""
     lengths = cache["lengths"]  # prompt lengths
     logits = model.lm_head(params, last_hidden)
@@ -125,17 +141,19 @@ def _start(params, cache, last_hidden, consts: _Consts, *, config: Config, greed
         draft = jnp.argmax(model.lm_head(params, out[:, 0]), axis=-1).astype(jnp.int32)
     state = _State(cache, y, draft, count, done)
     no = jnp.zeros_like(done)
-    return state, _Out(jnp.stack([y, y], 1), count, no, no, done, logits[:, None] if with_logits else None)
+    rec = _sample_record(y, logits, consts) if record else None
+    return state, _Out(jnp.stack([y, y], 1), count, no, no, done, logits[:, None] if with_logits else None, rec)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "greedy", "with_logits", "parallel"),
+@functools.partial(jax.jit, static_argnames=("config", "greedy", "with_logits", "parallel", "record"),
                    donate_argnames=("state",))
 def _step(params, state: _State, consts: _Consts, *, config: Config, greedy: bool, with_logits: bool,
-          parallel: Parallelism | None = None):
+          parallel: Parallelism | None = None, record: bool = False):
     """One plain decode step: every active sequence feeds its newest token and draws the next one."""
     active = ~state.done
     aux = model.forward_hidden(params, state.tokens[:, None], config, positions=state.cache["lengths"][:, None],
-                               cache=cache_lib.layer_caches(state.cache), parallel=parallel)
+                               cache=cache_lib.layer_caches(state.cache), record_selection=record,
+                               parallel=parallel)
     logits = model.lm_head(params, aux.hidden[:, 0])
     y = _sample(logits, consts, state.count, greedy)
     n_new = active.astype(jnp.int32)
@@ -144,7 +162,8 @@ def _step(params, state: _State, consts: _Consts, *, config: Config, greedy: boo
     cache = {**state.cache, **aux.cache, "lengths": state.cache["lengths"] + n_new}
     new = _State(cache, jnp.where(active, y, state.tokens), state.draft, count, done)
     no = jnp.zeros_like(done)
-    return new, _Out(jnp.stack([y, y], 1), n_new, no, no, done, logits[:, None] if with_logits else None)
+    rec = {**_sample_record(y, logits, consts), "selection": aux.selection} if record else None
+    return new, _Out(jnp.stack([y, y], 1), n_new, no, no, done, logits[:, None] if with_logits else None, rec)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "greedy", "with_logits", "parallel"),
@@ -285,15 +304,19 @@ def generate_with_stats(params: Params, config: Config, prompts: Sequence[Sequen
                         top_k: int = 0, seed: int = 0, stop_tokens: Sequence[int] | Sequence[Sequence[int]] = (),
                         parallel: Parallelism | None = None, callback: Callback | None = None, mtp: bool = False,
                         max_len: int | None = None, prefill_chunk: int = 512,
-                        return_logits: bool = False) -> GenerationResult:
+                        return_logits: bool = False, record: bool = False) -> GenerationResult:
     """`generate`, also returning timings, MTP acceptance and (optionally) the logits of every new token.
 
     Extra args: mtp (speculative decoding with the MTP module), max_len (cache capacity in tokens; default:
     a bucket just above the longest prompt + its max_new_tokens), prefill_chunk (prompt tokens per prefill
-    call: bounds prefill memory for long prompts), return_logits (keep each new token's logits; testing).
+    call: bounds prefill memory for long prompts), return_logits (keep each new token's logits; testing),
+    record (a rollout for RL: each new token's sampling log-prob and kept vocabulary, and the DSA keys and
+    MoE routing of every token fed, in `GenerationResult.record`; plain sampling decode only).
     """
     c = config
     parallel_lib.check(parallel, c)
+    if record and (mtp or temperature == 0.0):
+        raise ValueError("record=True records a sampled rollout: it needs temperature > 0 and mtp=False.")
     if mtp and "mtp" not in params:
         raise ValueError("mtp=True needs params with an MTP module (num_nextn_predict_layers=1 and MTP weights "
                          "loaded); HF-transformers checkpoints do not save it.")
@@ -317,7 +340,7 @@ def generate_with_stats(params: Params, config: Config, prompts: Sequence[Sequen
 
     consts = _Consts(jax.random.key(seed), jnp.arange(b, dtype=jnp.int32), jnp.asarray(max_new, jnp.int32),
                      jnp.asarray(stop), jnp.float32(sp.temperature), jnp.float32(sp.top_p), jnp.int32(sp.top_k))
-    kw = dict(config=c, greedy=sp.greedy, with_logits=return_logits, parallel=parallel)
+    kw = dict(config=c, greedy=sp.greedy, with_logits=return_logits, parallel=parallel, record=record)
 
     t0 = time.perf_counter()
     cache = cache_lib.init_cache(c, b, s_max, mtp=mtp)
@@ -325,11 +348,14 @@ def generate_with_stats(params: Params, config: Config, prompts: Sequence[Sequen
         params = parallel.place_params(params, c)
         cache = parallel.place(cache, cache_lib.axes_of(cache))
     last_hidden = jnp.zeros((b, c.hidden_size), c.compute_dtype)
+    prompt_sel = []
     for k in range(n_chunks):
         sl = slice(k * chunk, (k + 1) * chunk)
-        cache, last_hidden = _prefill_chunk(params, cache, toks[:, sl], pos[:, sl], toks[:, k * chunk + 1:
-                                            (k + 1) * chunk + 1], mtp_pos[:, sl], lens - 1 - k * chunk,
-                                            last_hidden, config=c, use_mtp=mtp, parallel=parallel)
+        cache, last_hidden, sel = _prefill_chunk(params, cache, toks[:, sl], pos[:, sl], toks[:, k * chunk + 1:
+                                                 (k + 1) * chunk + 1], mtp_pos[:, sl], lens - 1 - k * chunk,
+                                                 last_hidden, config=c, use_mtp=mtp, parallel=parallel,
+                                                 record=record)
+        prompt_sel.append(sel)
     state, out = _start(params, cache, last_hidden, consts, use_mtp=mtp, **kw)
     jax.block_until_ready(out)
     t1 = time.perf_counter()
@@ -337,6 +363,7 @@ def generate_with_stats(params: Params, config: Config, prompts: Sequence[Sequen
     new_tokens: list[list[int]] = [[] for _ in range(b)]
     kept_logits: list[list[np.ndarray]] = [[] for _ in range(b)]
     counters = {"steps": 0, "drafted": 0, "accepted": 0}
+    recs: list[dict[str, list]] = [{"logprobs": [], "masks": [], "selection": []} for _ in range(b)]
 
     def consume(o: _Out, decode_step: bool = True) -> bool:
         t = np.asarray(o.tokens)
@@ -344,17 +371,24 @@ def generate_with_stats(params: Params, config: Config, prompts: Sequence[Sequen
         counters["steps"] += int(decode_step and n.any())
         fresh = [t[i, :n[i]].tolist() for i in range(b)]
         lg = np.asarray(o.logits) if return_logits else None
+        rec = jax.tree.map(np.asarray, o.record) if record else None
         for i in range(b):
             new_tokens[i].extend(fresh[i])
             if return_logits and n[i]:
                 kept_logits[i].append(lg[i, :n[i]])
+            if record and n[i]:
+                recs[i]["logprobs"].append(rec["logprob"][i])
+                recs[i]["masks"].append(rec["mask"][i])
+                if rec.get("selection") is not None:  # a decode step: the fed token's keys and routing
+                    recs[i]["selection"].append({k: v[i, 0] for k, v in rec["selection"].items()})
         counters["drafted"] += int(np.asarray(o.drafted).sum())
         counters["accepted"] += int(np.asarray(o.accepted).sum())
         if callback is not None and n.any():
             callback(fresh)
         return bool(np.asarray(o.done).all())
 
-    step = functools.partial(_spec_step if mtp else _step, **kw)
+    step = functools.partial(_spec_step, **{k: v for k, v in kw.items() if k != "record"}) if mtp else \
+        functools.partial(_step, **kw)
     finished = consume(out, decode_step=False)  # the first tokens, streamed right after the prefill
     pending: _Out | None = None
     # Each step emits at least one token per active sequence, so max(max_new) - 1 steps finish everyone.
@@ -376,7 +410,19 @@ def generate_with_stats(params: Params, config: Config, prompts: Sequence[Sequen
              "accepted": counters["accepted"], "cache_len": s_max, "prefill_chunk": chunk,
              "acceptance_rate": counters["accepted"] / counters["drafted"] if counters["drafted"] else float("nan")}
     logits = [np.concatenate(x, 0) for x in kept_logits] if return_logits else None
-    return GenerationResult(new_tokens, logits, stats)
+    return GenerationResult(new_tokens, logits, stats, _records(recs, prompt_sel, lens) if record else None)
+
+
+def _records(recs: list[dict[str, list]], prompt_sel: list[dict[str, jax.Array]], lens: np.ndarray) -> list[dict]:
+    """Per prompt: log-probs, masks, and the selections of its prompt tokens then of its fed new tokens."""
+    prompt = {k: np.concatenate([np.asarray(s[k]) for s in prompt_sel], axis=1) for k in prompt_sel[0]}
+    out = []
+    for i, r in enumerate(recs):
+        sel = {k: np.concatenate([v[i, :lens[i]]] + [np.asarray(s[k])[None] for s in r["selection"]], axis=0)
+               for k, v in prompt.items()}
+        out.append({"logprobs": np.asarray(r["logprobs"], np.float32), "masks": np.stack(r["masks"]),
+                    "selection": sel})
+    return out
 
 
 def generate(params: Params, config: Config, prompts: Sequence[Sequence[int]], *,

@@ -66,11 +66,31 @@ def truncate(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array
     return jnp.where(logits >= jnp.maximum(cut, kth), logits, -jnp.inf)
 
 
+def sampling_logits(logits: jax.Array, *, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:
+    """The logits the sampler draws from: tempered, -inf outside the kept vocabulary. [B, V] -> f32 [B, V]."""
+    scaled = logits.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
+    return truncate(scaled, jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32))
+
+
 def sample(logits: jax.Array, keys: jax.Array, *, greedy: bool, temperature: jax.Array, top_p: jax.Array,
            top_k: jax.Array) -> jax.Array:
     """Next token ids int32 [B] from logits [B, V] (f32). keys: [B] PRNG keys (unused when greedy)."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
-    scaled = truncate(scaled, jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32))
+    scaled = sampling_logits(logits, temperature=temperature, top_p=top_p, top_k=top_k)
     return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+
+
+def pack_mask(mask: jax.Array) -> jax.Array:
+    """bool [..., V] -> uint32 [..., ceil(V/32)] (bit j of word w: token 32·w + j). A recorded rollout
+    (`dsjax.generate`, record=True) keeps its sampling masks so: V/8 bytes a token (16 KB at V = 129,280)."""
+    v = mask.shape[-1]
+    pad = -v % 32
+    m = jnp.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, pad)]).reshape(mask.shape[:-1] + (-1, 32))
+    return jnp.sum(m.astype(jnp.uint32) << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+
+
+def unpack_mask(bits: jax.Array, vocab: int) -> jax.Array:
+    """Inverse of `pack_mask`: uint32 [..., W] -> bool [..., vocab]."""
+    m = (bits[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
+    return m.reshape(bits.shape[:-1] + (-1,))[..., :vocab].astype(bool)

@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax import sampling
+from dsjax import model, sampling
+from dsjax.config import Config
+from dsjax.parallel import Parallelism
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,26 +71,12 @@ def advantages(rewards: jax.Array, group_size: int, *, std_normalize: bool = Fal
 def sampling_mask(logits: jax.Array, *, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
     """The vocabulary the sampler draws from: bool [..., V] (`dsjax.sampling.truncate` of the tempered
     logits, exactly as `dsjax.generate` samples). logits f32 [..., V]."""
-    scaled = logits.astype(jnp.float32) / jnp.float32(temperature)
-    lead = scaled.shape[:-1]
-    flat = scaled.reshape(-1, scaled.shape[-1])
-    kept = sampling.truncate(flat, jnp.int32(top_k), jnp.float32(top_p))
-    return (kept > -jnp.inf).reshape(lead + scaled.shape[-1:])
+    flat = logits.reshape(-1, logits.shape[-1])
+    kept = sampling.sampling_logits(flat, temperature=temperature, top_p=top_p, top_k=top_k)
+    return (kept > -jnp.inf).reshape(logits.shape)
 
 
-def pack_mask(mask: jax.Array) -> jax.Array:
-    """bool [..., V] -> uint32 [..., ceil(V/32)] (bit j of word w: token 32·w + j). A rollout keeps its
-    sampling masks in this form: V/8 bytes per token (16 KB at V = 129,280)."""
-    v = mask.shape[-1]
-    pad = -v % 32
-    m = jnp.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, pad)]).reshape(mask.shape[:-1] + (-1, 32))
-    return jnp.sum(m.astype(jnp.uint32) << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
-
-
-def unpack_mask(bits: jax.Array, vocab: int) -> jax.Array:
-    """Inverse of `pack_mask`: uint32 [..., W] -> bool [..., vocab]."""
-    m = (bits[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
-    return m.reshape(bits.shape[:-1] + (-1,))[..., :vocab].astype(bool)
+pack_mask, unpack_mask = sampling.pack_mask, sampling.unpack_mask  # a rollout's masks, as bits
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array, *, temperature: float = 1.0,
@@ -101,6 +89,23 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, *, temperature: float =
         scaled = jnp.where(mask, scaled, -jnp.inf)
     logz = jax.nn.logsumexp(scaled, axis=-1)
     return jnp.take_along_axis(scaled, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0] - logz
+
+
+def policy_logprobs(params: Mapping, batch: Mapping[str, jax.Array], config: Config, *, temperature: float,
+                    keep_sampling_mask: bool = True, parallel: Parallelism | None = None) -> jax.Array:
+    """log π_θ of each target token of a rollout batch (`rollout_batch`) -> f32 [N, T] (0 off the completion).
+
+    The forward replays batch["selection"] when present (keep routing / keep the DSA selection); with
+    keep_sampling_mask the softmax is over each token's recorded kept vocabulary, so π_θ and the sampler's
+    π_old share one action space. Logits [N, T, V] are formed whole: rollout batches are short.
+    """
+    aux = model.forward_hidden(params, batch["tokens"], config, positions=batch["positions"],
+                               segment_ids=batch["segment_ids"], selection=batch.get("selection"),
+                               parallel=parallel)
+    logits = model.lm_head(params, aux.hidden)
+    mask = sampling.unpack_mask(batch["mask_bits"], logits.shape[-1]) if keep_sampling_mask else None
+    lp = token_logprobs(logits, batch["targets"], temperature=temperature, mask=mask)
+    return jnp.where(batch["completion"] > 0, lp, 0.0)
 
 
 # ------------------------------------------------------------------------------------ objective
@@ -162,3 +167,52 @@ def group_stats(rewards: np.ndarray, group_size: int) -> dict[str, float]:
     r = np.asarray(rewards, np.float64).reshape(-1, group_size)
     return {"reward_mean": float(r.mean()), "reward_std": float(r.std()),
             "groups_with_signal": float(np.mean(r.std(axis=1) > 0))}
+
+
+# ------------------------------------------------------------------------------------ rollouts -> batch
+def rollout_batch(prompts: list[list[int]], result, config, *, length: int | None = None,
+                  keep_routing: bool = True, keep_selection: bool = True) -> dict[str, np.ndarray]:
+    """A recorded rollout (`dsjax.generate_with_stats(..., record=True)`) as a training batch [N, T].
+
+    Row i = prompt i then its completion but the last token (the inputs the sampler fed), right-padded to
+    T (`length`, default the longest). Returns tokens, targets (the next token), positions, segment_ids
+    (1 real, 0 padding), completion f32 [N, T] (1 where the target is a completion token: the loss's
+    tokens), old_logprob f32 [N, T] (the sampler's log π_old of that target), mask_bits uint32 [N, T, W]
+    (its kept vocabulary) and, with keep_routing / keep_selection, selection: the rollout's MoE routing
+    and DSA keys to replay (`batch["selection"]`; keys only where training attention is sparse too, i.e.
+    T > index_topk: below, both attend every causal key). Padding rows replay key 0 and experts 0..k-1.
+    """
+    rows = [list(p) + list(t[:-1]) for p, t in zip(prompts, result.tokens)]
+    t_len = max(len(r) for r in rows) if length is None else length
+    if any(len(r) > t_len for r in rows):
+        raise ValueError(f"a rollout row of {max(len(r) for r in rows)} tokens exceeds length={t_len}.")
+    n = len(rows)
+    words = result.record[0]["masks"].shape[-1]
+    out = {"tokens": np.zeros((n, t_len), np.int32), "targets": np.zeros((n, t_len), np.int32),
+           "positions": np.zeros((n, t_len), np.int32), "segment_ids": np.zeros((n, t_len), np.int32),
+           "completion": np.zeros((n, t_len), np.float32), "old_logprob": np.zeros((n, t_len), np.float32),
+           "mask_bits": np.zeros((n, t_len, words), np.uint32)}
+    sparse = config.has_indexer and t_len > config.index_topk
+    keys = [k for k in result.record[0]["selection"]
+            if (keep_routing and k.endswith("_experts")) or (keep_selection and sparse and not k.endswith("_experts"))]
+    sel = {}
+    for k in keys:
+        tail = result.record[0]["selection"][k].shape[1:]
+        fill = np.arange(tail[-1], dtype=np.int32) if k.endswith("_experts") else \
+            np.where(np.arange(tail[-1]) == 0, 0, -1).astype(np.int32)
+        sel[k] = np.broadcast_to(fill, (n, t_len) + tail).copy()
+    for i, (p, toks, rec) in enumerate(zip(prompts, result.tokens, result.record)):
+        r = rows[i]
+        m, c = len(r), len(toks)
+        out["tokens"][i, :m] = r
+        out["targets"][i, :m] = (list(p) + list(toks))[1:]
+        out["positions"][i, :m] = np.arange(m)
+        out["segment_ids"][i, :m] = 1
+        out["completion"][i, len(p) - 1:m] = 1.0  # targets p .. p + c - 1: the completion tokens
+        out["old_logprob"][i, len(p) - 1:m] = rec["logprobs"][:c]
+        out["mask_bits"][i, len(p) - 1:m] = rec["masks"][:c]
+        for k in keys:
+            sel[k][i, :m] = rec["selection"][k][:m]
+    if sel:
+        out["selection"] = sel
+    return out
