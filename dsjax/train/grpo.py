@@ -40,6 +40,7 @@ class GRPOConfig:
     std_normalize: bool = False  # divide advantages by the group's std (GRPO's original; V3.2 does not)
     offpolicy_delta: float | None = None  # δ of off-policy sequence masking; None: keep every sequence
     keep_sampling_mask: bool = True  # π_θ on the sampler's truncated vocabulary (same action space as π_old)
+    temperature: float = 1.0  # the sampler's: π_θ is tempered the same way
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -48,6 +49,8 @@ class GRPOConfig:
             raise ValueError(f"clip_eps={self.clip_eps}: must be in (0, 1).")
         if self.kl_beta < 0:
             raise ValueError(f"kl_beta={self.kl_beta}: must be >= 0.")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature}: rollouts are sampled, so it must be > 0.")
         if self.offpolicy_delta is not None and self.offpolicy_delta < 0:
             raise ValueError(f"offpolicy_delta={self.offpolicy_delta}: must be >= 0 (or None: off).")
 

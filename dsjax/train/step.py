@@ -7,6 +7,9 @@ Objective per stage (spec §8.2, §6.3, §10):
     sft             CE + λ·MTP + α·balance                       (all params but the router biases; or LoRA)
     indexer_warmup  KL(main attention ‖ indexer), dense attention  (only the lightning indexers train)
     sparse          CE + λ·MTP + α·balance + KL on the selected keys (DSA on; indexer inputs detached)
+    grpo            −J of GRPO on a recorded rollout batch (`dsjax.train.grpo`: its routing and DSA keys
+                    replayed, π_θ over the sampler's kept vocabulary; the reference = the base without
+                    LoRA adapters). Indexers and router biases stay as they are.
 
 Only the trainable leaves are differentiated and given optimizer state; frozen leaves are passed through
 untouched (bit-identical). The MoE correction biases are never trained by gradient: after each step they
@@ -28,10 +31,11 @@ from dsjax import model, mtp as mtp_lib
 from dsjax.config import Config
 from dsjax.parallel import Parallelism
 from dsjax import lora as lora_lib
+from dsjax.train import grpo as grpo_lib
 from dsjax.train.losses import balance_loss, bias_update, head_cross_entropy, load_imbalance, mtp_targets
 from dsjax.train.schedule import OptimConfig, lr_schedule, make_optimizer
 
-STAGES = ("sft", "indexer_warmup", "sparse")
+STAGES = ("sft", "indexer_warmup", "sparse", "grpo")
 _INDEXER_LOSS = {"indexer_warmup": "dense_warmup", "sparse": "sparse"}
 
 
@@ -51,6 +55,7 @@ class TrainConfig:
     # f32 logits the loss holds at once per device ([B, L, vocab] is computed in chunks of positions of at
     # most this size; losses.head_cross_entropy). None = all at once.
     ce_chunk_bytes: int | None = 1 << 30
+    grpo: grpo_lib.GRPOConfig | None = None  # the objective's settings (stage="grpo" only)
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -61,6 +66,12 @@ class TrainConfig:
             raise ValueError(f"ce_chunk_bytes={self.ce_chunk_bytes} must be positive (or None: no chunking).")
         if self.remat is not None:
             model.remat_policy(self.remat)  # raises a clear error for unknown names
+        if (self.stage == "grpo") != (self.grpo is not None):
+            raise ValueError("stage=grpo takes its objective's settings in TrainConfig.grpo (a GRPOConfig), and "
+                             "only stage=grpo does.")
+        if self.grpo is not None and self.grpo.kl_beta and self.lora is None:
+            raise ValueError("a KL penalty (kl_beta > 0) needs LoRA: the reference policy is the base model with "
+                             "the adapters off. Set --lora_rank or kl_beta=0.")
         if self.stage == "indexer_warmup" and self.lora is not None:
             raise ValueError("LoRA does not apply to stage=indexer_warmup (only the indexer trains there); "
                              "drop --lora_rank or use --stage=sft|sparse.")
@@ -81,8 +92,8 @@ def is_trainable(names: tuple[str, ...], tc: TrainConfig) -> bool:
         return True
     if _is_router_bias(names):
         return False  # moved by the bias update, never by the optimizer
-    if "indexer" in names:  # the indexer learns only from its KL loss (spec §10): not in sft
-        return tc.stage != "sft"  # the main layers' and the MTP block's indexers alike
+    if "indexer" in names:  # the indexer learns only from its KL loss (spec §10): not in sft or RL
+        return tc.stage in ("indexer_warmup", "sparse")  # the main layers' and the MTP block's indexers alike
     if tc.stage == "indexer_warmup":
         return False
     return tc.lora is None  # LoRA: the base stays frozen
@@ -138,7 +149,7 @@ def combine(variables: Mapping[str, Any], train: Mapping[str, Any]) -> Any:
 # ------------------------------------------------------------------------------------------ state
 def check_stage(config: Config, tc: TrainConfig) -> None:
     """Clear errors for a stage this model or this build cannot run."""
-    if tc.stage == "sft":
+    if tc.stage in ("sft", "grpo"):
         return
     if not config.has_indexer:
         raise ValueError(f"stage={tc.stage} trains the DSA lightning indexer, but model_type={config.model_type!r} "
@@ -221,6 +232,8 @@ def _loss(train: Mapping[str, jax.Array], variables: Mapping[str, Any], mb: Mapp
     devices = 1 if parallel is None else parallel.mesh.size
     v = combine(variables, train)
     params = v["params"] if tc.lora is None else lora_lib.apply(v["params"], v["lora"], config, tc.lora)
+    if tc.stage == "grpo":
+        return _grpo_loss(params, v["params"], mb, config, tc, parallel)
     seg = mb["segment_ids"]
     # the logits are split over every mesh axis (batch, sequence, vocab over tensor): bound the global chunk
     chunk = None if tc.ce_chunk_bytes is None else tc.ce_chunk_bytes * devices
@@ -254,6 +267,18 @@ def _loss(train: Mapping[str, jax.Array], variables: Mapping[str, Any], mb: Mapp
     return total, (terms, loads)
 
 
+def _grpo_loss(params, base, mb, config: Config, tc: TrainConfig, parallel: Parallelism | None):
+    """−J of one micro-batch of a rollout batch (`grpo.rollout_batch` + "advantages" [N]), as a share of
+    the global batch (÷ grad_accum: sequences weigh the same in every micro-batch)."""
+    g = tc.grpo
+    kw = dict(temperature=g.temperature, keep_sampling_mask=g.keep_sampling_mask, parallel=parallel)
+    lp = grpo_lib.policy_logprobs(params, mb, config, **kw)
+    ref = grpo_lib.policy_logprobs(base, mb, config, **kw) if g.kl_beta else None  # adapters off
+    loss, metrics = grpo_lib.objective(lp, mb["old_logprob"], mb["advantages"], mb["completion"], g, ref_logp=ref)
+    return loss / tc.grad_accum, ({"grpo_loss": loss / tc.grad_accum,
+                                   **{k: v / tc.grad_accum for k, v in metrics.items()}}, {})
+
+
 def _microbatches(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
     b = batch["tokens"].shape[0]
     if b % n:
@@ -268,8 +293,9 @@ def train_step(state: Mapping[str, Any], batch: Mapping[str, jax.Array], *, conf
     optimizer = make_optimizer(tc.optim)
     variables = {k: state[k] for k in ("params", "lora") if k in state}
     train = trainable(variables, tc)
-    denom = {"tokens": jnp.maximum(jnp.sum(batch["weights"]), 1.0)}
-    _, w2 = mtp_targets(batch["targets"], batch["weights"], batch["segment_ids"])
+    weights = batch["completion"] if tc.stage == "grpo" else batch["weights"]
+    denom = {"tokens": jnp.maximum(jnp.sum(weights), 1.0)}
+    _, w2 = mtp_targets(batch["targets"], weights, batch["segment_ids"])
     denom["mtp_tokens"] = jnp.maximum(jnp.sum(w2), 1.0)
     grad_fn = jax.value_and_grad(functools.partial(_loss, config=config, tc=tc, parallel=parallel), has_aux=True)
     mbs = _microbatches(batch, tc.grad_accum)
@@ -287,12 +313,12 @@ def train_step(state: Mapping[str, Any], batch: Mapping[str, jax.Array], *, conf
     updates, opt_state = optimizer.update(grads, state["opt_state"], train)
     new_vars = combine(variables, optax.apply_updates(train, updates))
     params = new_vars["params"]
-    if tc.bias_update_rate and tc.lora is None and tc.stage != "indexer_warmup":
+    if tc.bias_update_rate and tc.lora is None and tc.stage not in ("indexer_warmup", "grpo"):
         params = _update_biases(params, loads, tc.bias_update_rate)
     new_state = {**state, **new_vars, "params": params, "opt_state": opt_state, "step": state["step"] + 1,
                  "rng": jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])}
     metrics = {"loss": loss, **terms, "grad_norm": optax.global_norm(grads),
-               "lr": lr_schedule(tc.optim)(state["step"]), "tokens": jnp.sum(batch["weights"])}
+               "lr": lr_schedule(tc.optim)(state["step"]), "tokens": jnp.sum(weights)}
     if "moe" in loads:
         metrics["moe_load"] = loads["moe"]
         metrics["moe_imbalance"] = load_imbalance(loads["moe"])
