@@ -37,7 +37,7 @@ def test_readme_snippets_run(tmp_path):
     codes = _snippets()
     assert "xla_force_host_platform_device_count=8" in codes[2].splitlines()[0]
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"}
     os.symlink(os.path.join(ROOT, "experiments"), tmp_path / "experiments")  # paths relative to the repo root
     proc = subprocess.run([sys.executable, "-c", RUNNER, *codes], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=900)

@@ -29,10 +29,12 @@ def rollout():
     return params, prompts, res
 
 
+_POLICY_LOGPROBS = jax.jit(grpo.policy_logprobs, static_argnames=("config", "temperature", "keep_sampling_mask"))
+
+
 def _logprobs(params, batch, keep_mask=True):
     b = {k: jax.tree.map(jnp.asarray, v) for k, v in batch.items()}
-    return np.asarray(jax.jit(lambda p, b: grpo.policy_logprobs(p, b, CFG, temperature=TEMP,
-                                                                  keep_sampling_mask=keep_mask))(params, b))
+    return np.asarray(_POLICY_LOGPROBS(params, b, CFG, temperature=TEMP, keep_sampling_mask=keep_mask))
 
 
 def test_the_record_describes_the_sampling(rollout):

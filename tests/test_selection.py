@@ -30,9 +30,11 @@ def params():
     return dsjax.init_params(CFG, jax.random.key(0))
 
 
+_FORWARD = jax.jit(model.forward_with_aux, static_argnames=("config", "record_selection"))
+
+
 def _forward(params, tokens, selection=None, record=False):
-    return jax.jit(lambda p, t, s: model.forward_with_aux(p, t, CFG, selection=s, record_selection=record))(
-        params, tokens, selection)
+    return _FORWARD(params, tokens, CFG, selection=selection, record_selection=record)
 
 
 def test_a_recorded_selection_replays_to_the_same_logits(params):
@@ -111,14 +113,15 @@ def test_replayed_routing_uses_the_given_experts_with_fresh_weights(params):
 def test_the_train_step_replays_the_batch_selection(params):
     tc = dataclasses.replace(TC, grad_accum=1)
     batch = {k: jnp.asarray(v) for k, v in make_batch(seed=3, b=B).items()}
-    sel = jax.jit(lambda p, b: step_lib.selection(p, b, CFG, tc))(params, batch)
+    select = jax.jit(lambda p, b: step_lib.selection(p, b, CFG, tc))
+    sel = select(params, batch)
     assert set(sel) == {"dense", "moe", "moe_experts", "mtp", "mtp_experts"}
     fn = step_lib.compiled_step(CFG, tc)
     init = lambda: step_lib.init_state(jax.tree.map(jnp.copy, params), CFG, tc, jax.random.key(1))
     _, m_own = fn(init(), batch)
     _, m_same = fn(init(), {**batch, "selection": sel})
     assert float(m_same["loss"]) == float(m_own["loss"])  # the same choices: the same computation
-    other = jax.jit(lambda p, b: step_lib.selection(p, b, CFG, tc))(dsjax.init_params(CFG, jax.random.key(7)), batch)
+    other = select(dsjax.init_params(CFG, jax.random.key(7)), batch)
     _, m_other = fn(init(), {**batch, "selection": other})
     assert abs(float(m_other["loss"]) - float(m_own["loss"])) > 1e-4
 
