@@ -62,6 +62,8 @@ def test_grpo_step_is_the_objective_and_trains_only_the_adapters(setup):
     gain = np.sum(np.asarray(new - lp) * np.asarray(batch["completion"]), axis=1)
     adv = np.asarray(batch["advantages"])
     assert gain[adv > 0].mean() > 0 > gain[adv < 0].mean(), (gain, adv)
+    g = jax.grad(lambda p: jnp.sum(grpo.policy_logprobs(p, batch, CFG, temperature=1.0)))(params)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g))  # prompt / padding rows too
     state, m2 = fn(state, batch)
     assert float(m2["kl"]) > 0 and float(m2["loss"]) < float(m["loss"])
 

@@ -106,7 +106,9 @@ def policy_logprobs(params: Mapping, batch: Mapping[str, jax.Array], config: Con
                                segment_ids=batch["segment_ids"], selection=batch.get("selection"),
                                parallel=parallel)
     logits = model.lm_head(params, aux.hidden)
-    mask = sampling.unpack_mask(batch["mask_bits"], logits.shape[-1]) if keep_sampling_mask else None
+    mask = None
+    if keep_sampling_mask:  # prompt and padding positions keep the whole vocabulary: no all -inf row, no NaN
+        mask = sampling.unpack_mask(batch["mask_bits"], logits.shape[-1]) | (batch["completion"] <= 0)[..., None]
     lp = token_logprobs(logits, batch["targets"], temperature=temperature, mask=mask)
     return jnp.where(batch["completion"] > 0, lp, 0.0)
 
