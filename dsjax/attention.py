@@ -54,7 +54,7 @@ def _project(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array,
              config: Config) -> tuple[Queries, Latents, jax.Array | None]:
     """MLA's own projections -> (queries, latents, the normed query latent cq or None without q_lora)."""
     c = config
-    h, dn, dr, r = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank
+    h, dn, r = c.num_attention_heads, c.qk_nope_head_dim, c.kv_lora_rank
     off = c.official_numerics
     if c.q_lora_rank is None:
         cq = None
