@@ -16,7 +16,7 @@ def _snippets():
 
 def test_readme_has_its_snippets():
     names = [s.splitlines()[0] for s in _snippets()]
-    assert len(names) == 3 and all(n.startswith("import jax, dsjax") for n in names), names
+    assert len(names) == 4 and all(n.startswith("import jax, dsjax") for n in names), names
 
 
 RUNNER = r"""
@@ -41,7 +41,7 @@ def test_readme_snippets_run(tmp_path):
     os.symlink(os.path.join(ROOT, "experiments"), tmp_path / "experiments")  # paths relative to the repo root
     proc = subprocess.run([sys.executable, "-c", RUNNER, *codes], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=900)
-    assert proc.returncode == 0 and "SNIPPET_OK 3" in proc.stdout, proc.stderr[-4000:]
+    assert proc.returncode == 0 and "SNIPPET_OK 4" in proc.stdout, proc.stderr[-4000:]
 
 
 def test_every_flagfile_named_in_docs_exists():
