@@ -90,12 +90,14 @@ def _sample(logits, consts: _Consts, count, greedy: bool):
                            top_k=consts.top_k)
 
 
-def _sample_record(y, logits, consts: _Consts) -> dict[str, jax.Array]:
-    """What the sampler did for tokens y [B] drawn from logits [B, V]: log π_old(y) and the kept vocabulary."""
+def _sample_recorded(logits, consts: _Consts, count) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`_sample` (sampling, not greedy) plus what the sampler did: log π_old of each token drawn and the
+    kept vocabulary, from the one truncation the draw used."""
     drawn = sampling.sampling_logits(logits, temperature=consts.temperature, top_p=consts.top_p,
                                      top_k=consts.top_k)
+    y = sampling.draw(drawn, sampling.token_keys(consts.key, consts.seq, count))
     logp = jnp.take_along_axis(jax.nn.log_softmax(drawn, axis=-1), y[:, None], axis=-1)[:, 0]
-    return {"logprob": logp, "mask": sampling.pack_mask(drawn > -jnp.inf)}
+    return y, {"logprob": logp, "mask": sampling.pack_mask(drawn > -jnp.inf)}
 
 
 def _is_stop(tok, stop):
@@ -130,7 +132,11 @@ def _start(params, cache, last_hidden, consts: _Consts, *, config: Config, greed
     """First new token from the last prompt position (and the first MTP draft)."""
     lengths = cache["lengths"]  # prompt lengths
     logits = model.lm_head(params, last_hidden)
-    y = _sample(logits, consts, jnp.zeros_like(lengths), greedy)
+    rec = None
+    if record:
+        y, rec = _sample_recorded(logits, consts, jnp.zeros_like(lengths))
+    else:
+        y = _sample(logits, consts, jnp.zeros_like(lengths), greedy)
     count = jnp.ones_like(lengths)
     done = _is_stop(y, consts.stop) | (count >= consts.max_new)
     draft = jnp.zeros_like(y)
@@ -141,7 +147,6 @@ def _start(params, cache, last_hidden, consts: _Consts, *, config: Config, greed
         draft = jnp.argmax(model.lm_head(params, out[:, 0]), axis=-1).astype(jnp.int32)
     state = _State(cache, y, draft, count, done)
     no = jnp.zeros_like(done)
-    rec = _sample_record(y, logits, consts) if record else None
     return state, _Out(jnp.stack([y, y], 1), count, no, no, done, logits[:, None] if with_logits else None, rec)
 
 
@@ -155,14 +160,18 @@ def _step(params, state: _State, consts: _Consts, *, config: Config, greedy: boo
                                cache=cache_lib.layer_caches(state.cache), record_selection=record,
                                parallel=parallel)
     logits = model.lm_head(params, aux.hidden[:, 0])
-    y = _sample(logits, consts, state.count, greedy)
+    rec = None
+    if record:
+        y, rec = _sample_recorded(logits, consts, state.count)
+        rec["selection"] = aux.selection
+    else:
+        y = _sample(logits, consts, state.count, greedy)
     n_new = active.astype(jnp.int32)
     count = state.count + n_new
     done = state.done | (active & (_is_stop(y, consts.stop) | (count >= consts.max_new)))
     cache = {**state.cache, **aux.cache, "lengths": state.cache["lengths"] + n_new}
     new = _State(cache, jnp.where(active, y, state.tokens), state.draft, count, done)
     no = jnp.zeros_like(done)
-    rec = {**_sample_record(y, logits, consts), "selection": aux.selection} if record else None
     return new, _Out(jnp.stack([y, y], 1), n_new, no, no, done, logits[:, None] if with_logits else None, rec)
 
 

@@ -77,8 +77,12 @@ def sample(logits: jax.Array, keys: jax.Array, *, greedy: bool, temperature: jax
     """Next token ids int32 [B] from logits [B, V] (f32). keys: [B] PRNG keys (unused when greedy)."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = sampling_logits(logits, temperature=temperature, top_p=top_p, top_k=top_k)
-    return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    return draw(sampling_logits(logits, temperature=temperature, top_p=top_p, top_k=top_k), keys)
+
+
+def draw(drawn: jax.Array, keys: jax.Array) -> jax.Array:
+    """Token ids int32 [B] from `sampling_logits` output [B, V] (one key per row)."""
+    return jax.vmap(jax.random.categorical)(keys, drawn).astype(jnp.int32)
 
 
 def pack_mask(mask: jax.Array) -> jax.Array:

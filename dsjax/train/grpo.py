@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax import model, sampling
+from dsjax import attention, model, sampling
 from dsjax.config import Config
 from dsjax.parallel import Parallelism
 
@@ -74,9 +74,7 @@ def advantages(rewards: jax.Array, group_size: int, *, std_normalize: bool = Fal
 def sampling_mask(logits: jax.Array, *, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
     """The vocabulary the sampler draws from: bool [..., V] (`dsjax.sampling.truncate` of the tempered
     logits, exactly as `dsjax.generate` samples). logits f32 [..., V]."""
-    flat = logits.reshape(-1, logits.shape[-1])
-    kept = sampling.sampling_logits(flat, temperature=temperature, top_p=top_p, top_k=top_k)
-    return (kept > -jnp.inf).reshape(logits.shape)
+    return sampling.sampling_logits(logits, temperature=temperature, top_p=top_p, top_k=top_k) > -jnp.inf
 
 
 pack_mask, unpack_mask = sampling.pack_mask, sampling.unpack_mask  # a rollout's masks, as bits
@@ -197,7 +195,7 @@ def rollout_batch(prompts: list[list[int]], result, config, *, length: int | Non
            "positions": np.zeros((n, t_len), np.int32), "segment_ids": np.zeros((n, t_len), np.int32),
            "completion": np.zeros((n, t_len), np.float32), "old_logprob": np.zeros((n, t_len), np.float32),
            "mask_bits": np.zeros((n, t_len, words), np.uint32)}
-    sparse = config.has_indexer and t_len > config.index_topk
+    sparse = attention.is_sparse(config, t_len)
     keys = [k for k in result.record[0]["selection"]
             if (keep_routing and k.endswith("_experts")) or (keep_selection and sparse and not k.endswith("_experts"))]
     sel = {}
