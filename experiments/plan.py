@@ -15,6 +15,10 @@ Modes:
            (fp32 moments, bf16 params), layer remat.
   prefill  forward of `seq_len` prompt tokens writing a `seq_len`-slot KV cache; last-position logits.
   decode   one new token per sequence against a full `seq_len`-slot KV cache.
+  grpo     dsjax's own GRPO step (`dsjax.train.step`, stage="grpo") on a rollout batch of `batch` rows of
+           `seq_len` tokens: LoRA adapters trained (AdamW), the bf16 base frozen, the rollout's MoE routing and
+           DSA keys replayed (int32 [B, T, layers, top-k] inputs), the sampler's kept vocabulary as bits, the
+           log-probs over position chunks (--ce_chunk_mb). The rollouts themselves are the decode plan.
 
 With --topology (e.g. v5p:4x4x4) the mesh is libtpu's compile-only TPU chips instead: the step is compiled by
 XLA:TPU with the TPU kernels (the ops pick their backend by the lowering platform), the ragged all-to-all and
@@ -47,7 +51,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "deepseek-v3.2", "dsjax preset.")
 flags.DEFINE_string("mesh", "expert=64,fsdp=4", "Mesh axis sizes, e.g. expert=64,fsdp=4 (axes: data, fsdp, "
                     "sequence, expert, tensor).")
-flags.DEFINE_enum("mode", "train", ["train", "prefill", "decode"], "Which step to plan.")
+flags.DEFINE_enum("mode", "train", ["train", "prefill", "decode", "grpo"], "Which step to plan.")
 flags.DEFINE_integer("seq_len", 4096, "Tokens per sequence (train / prefill) or KV-cache length (decode).")
 flags.DEFINE_integer("batch", None, "Global batch (default: one sequence per batch shard).")
 flags.DEFINE_float("hbm_gb", 95.0, "Device memory in GB (v5p 95, H200 141, H100 80, v6e 32).")
@@ -57,6 +61,10 @@ flags.DEFINE_string("remat", "full", "Layer rematerialisation policy for train (
 flags.DEFINE_integer("ep_buffer_mb", 512, "Bound on the expert all-to-all's worst-case receive buffer (MiB).")
 flags.DEFINE_integer("ce_chunk_mb", 1024, "Train: f32 logits the loss holds at once per device (MiB; 0 = all), "
                      "as finetune.py's --ce_chunk_mb.")
+flags.DEFINE_integer("lora_rank", 16, "grpo: LoRA rank of the adapters trained (the base is frozen and the "
+                     "KL reference)")
+flags.DEFINE_list("lora_targets", ["attn"], "grpo: LoRA targets (attn, shared, experts)")
+flags.DEFINE_float("kl_beta", 0.0, "grpo: β of the KL penalty (> 0 adds the reference forward, adapters off)")
 flags.DEFINE_bool("row", False, "Also print the plan as a row of the README's memory-plan table (which is made of "
                   "these rows, not typed).")
 flags.DEFINE_bool("cpu_licm", False, "Keep XLA:CPU's while-loop-invariant code motion (see the module docstring).")
@@ -120,6 +128,8 @@ def build(mode: str, config, mesh, batch: int, seq_len: int, weights: str, remat
     params = fp8_abstract_params(config) if weights == "fp8" else abstract_params(config)
     ps = sharding.param_shardings(config, mesh, like=params)
     rep = sharding.logical_to_sharding((), mesh)
+    if mode == "grpo":
+        return build_grpo(config, mesh, params, ps, batch, seq_len, remat, ep_buffer, ce_chunk)
     if mode == "train":
         tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
         tok_sh = sharding.logical_to_sharding(sharding.TOKEN_AXES, mesh, tokens.shape)
@@ -161,6 +171,51 @@ def build(mode: str, config, mesh, batch: int, seq_len: int, weights: str, remat
     return (step, (params, cache, tokens), (ps, cs, tok_sh),
             (sharding.logical_to_sharding(("act_batch", "act_vocab"), mesh, (batch, config.vocab_size)), cs),
             (1,), {"params": 0, "KV cache": 1, "tokens": 2})
+
+
+def build_grpo(config, mesh, params, ps, batch: int, seq_len: int, remat: str, ep_buffer: int,
+               ce_chunk: int | None):
+    """The GRPO step's (function, abstract args, shardings, ...) as `build` returns them."""
+    import jax
+    import jax.numpy as jnp
+
+    import sharding
+    from dsjax import lora, parallel as parallel_lib
+    from dsjax.train import grpo, schedule, step as step_lib
+
+    tc = step_lib.TrainConfig(
+        stage="grpo", remat=remat, bias_update_rate=0.0, ce_chunk_bytes=ce_chunk,
+        lora=lora.LoraConfig(rank=FLAGS.lora_rank, targets=tuple(FLAGS.lora_targets)),
+        grpo=grpo.GRPOConfig(kl_beta=FLAGS.kl_beta), optim=schedule.OptimConfig(weight_decay=0.0))
+    adapters = jax.eval_shape(lambda: lora.init(config, tc.lora, jax.random.key(0)))
+    train = jax.eval_shape(lambda a: step_lib.trainable({"params": params, "lora": a}, tc), adapters)
+    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "lora": adapters,
+             "opt_state": jax.eval_shape(schedule.make_optimizer(tc.optim).init, train),
+             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    rep = sharding.logical_to_sharding((), mesh)
+    # as trainer.place_state: the base by its rules, adapters and their moments (small) replicated
+    ss = {**jax.tree.map(lambda _: rep, {k: v for k, v in state.items() if k != "params"}), "params": ps}
+    n_dense, n_moe, k = config.n_dense_layers, config.n_moe_layers, config.index_topk
+
+    def rows(*tail, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct((batch, seq_len) + tail, dtype)
+
+    b = {"tokens": rows(), "targets": rows(), "positions": rows(), "segment_ids": rows(),
+         "completion": rows(dtype=jnp.float32), "old_logprob": rows(dtype=jnp.float32),
+         "mask_bits": rows(-(-config.vocab_size // 32), dtype=jnp.uint32),
+         "advantages": jax.ShapeDtypeStruct((batch,), jnp.float32),
+         "selection": {"moe_experts": rows(n_moe, config.num_experts_per_tok)}}
+    if seq_len > k:  # the DSA keys are replayed only where attention is sparse
+        b["selection"].update({"dense": rows(n_dense, k), "moe": rows(n_moe, k)})
+    bs = jax.tree.map(lambda x: sharding.logical_to_sharding(
+        parallel_lib.TOKENS[:x.ndim] + (None,) * max(0, x.ndim - 2), mesh, x.shape), b)
+    par = sharding.MeshParallelism(mesh, ep_buffer_bytes=ep_buffer)
+
+    def fn(st, bt):
+        return step_lib.train_step(st, bt, config=config, tc=tc, parallel=par)
+
+    return (fn, (state, b), (ss, bs), (ss, None), (0,),
+            {"params": ("params", 0), "LoRA adapters + optimizer state": ("rest", 0), "rollout batch": 1})
 
 
 def main(argv):
@@ -239,7 +294,14 @@ def main(argv):
             sys.exit(1)
     t2 = time.time()
     mem = compiled.memory_analysis()
-    rows = [(name, per_device_bytes(args[i], in_sh[i])) for name, i in cats.items()]
+    def part(where):  # an argument, or ("params" | "rest", i): the params of a state argument or the rest of it
+        if isinstance(where, int):
+            return args[where], in_sh[where]
+        key, i = where
+        pick = (lambda d: d["params"]) if key == "params" else (lambda d: {k: v for k, v in d.items() if k != "params"})
+        return pick(args[i]), pick(in_sh[i])
+
+    rows = [(name, per_device_bytes(*part(where))) for name, where in cats.items()]
     arg_total = mem.argument_size_in_bytes
     out_extra = mem.output_size_in_bytes - mem.alias_size_in_bytes
     temp = mem.temp_size_in_bytes

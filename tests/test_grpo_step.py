@@ -11,7 +11,7 @@ import pytest
 
 import dsjax
 from dsjax import lora
-from dsjax.train import grpo, schedule, step as step_lib
+from dsjax.train import grpo, losses, schedule, step as step_lib
 
 CFG = dsjax.Config.preset("tiny", index_topk=8)
 G = 4
@@ -75,3 +75,23 @@ def test_grpo_settings_are_checked():
         step_lib.TrainConfig(stage="grpo")
     with pytest.raises(ValueError, match="temperature"):
         grpo.GRPOConfig(temperature=0.0)
+
+
+def test_chunked_logprobs_equal_the_whole_head(setup):
+    """Long completions: the log-probs (and their gradient) over strided position chunks, each holding only
+    its own logits and unpacking its own kept-vocabulary bits, equal those of the whole [N, T, V] head."""
+    params, batch = setup
+    n, t = batch["targets"].shape
+    small = n * CFG.vocab_size * 4 * (t // 3)  # under a third of the positions' logits: several chunks
+    assert 1 < losses.ce_chunks(n, t, CFG.vocab_size, small) < t or t % 2  # (a prime T: one position a chunk)
+
+    def total(p, chunk):
+        lp = grpo.policy_logprobs(p, batch, CFG, temperature=0.8, chunk_bytes=chunk)
+        return jnp.sum(lp * batch["advantages"][:, None]), lp
+
+    (_, whole), g_whole = jax.jit(jax.value_and_grad(lambda p: total(p, None), has_aux=True))(params)
+    (_, parts), g_parts = jax.jit(jax.value_and_grad(lambda p: total(p, small), has_aux=True))(params)
+    np.testing.assert_allclose(np.asarray(parts), np.asarray(whole), rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_parts), jax.tree.leaves(g_whole)):
+        b = np.asarray(b)  # summation order differs (chunked head): a bound relative to the leaf's scale
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5 * np.abs(b).max())

@@ -9,6 +9,9 @@ checkpoints, and the loop shared by experiments/finetune.py and experiments/quic
     checkpointing.py  TrainCheckpointer (Orbax CheckpointManager), PreemptionGuard (SIGTERM)
     metrics.py        TensorBoard scalars, metrics.jsonl, loss-curve PNG
     trainer.py        RunConfig, run()
+    grpo.py           GRPO's objective, advantages, rollout batches (spec §10.5)
+    rewards.py        reward functions on decoded text
+    rl.py             RLConfig, run(): the GRPO loop (rollouts from dsjax.generate, the stage="grpo" step)
 """
 
 from dsjax.train.checkpointing import PreemptionGuard, TrainCheckpointer

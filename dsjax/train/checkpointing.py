@@ -4,7 +4,7 @@ SIGTERM handling.
 Each checkpoint step directory holds three items:
     state  params, optimizer state, step, RNG                          (Orbax StandardSave, OCDBT)
            (a LoRA run: its adapters and only the base leaves it changes; the frozen base is reloaded
-           from the run's --init_ckpt or seed, see trainer._to_save)
+           from the run's --init_ckpt or seed, see trainer.to_save)
     data   the grain iterator state, one JSON file per process           (grain.checkpoint.CheckpointSave)
     meta   model config, stage and data settings, and a checksum of every state array   (JSON)
 Everything that decides the next step is in there, so a resumed run continues bit-identically.

@@ -28,6 +28,7 @@ import numpy as np
 from dsjax import attention, model, sampling
 from dsjax.config import Config
 from dsjax.parallel import Parallelism
+from dsjax.train import losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,22 +94,47 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, *, temperature: float =
 
 
 def policy_logprobs(params: Mapping, batch: Mapping[str, jax.Array], config: Config, *, temperature: float,
-                    keep_sampling_mask: bool = True, parallel: Parallelism | None = None) -> jax.Array:
+                    keep_sampling_mask: bool = True, parallel: Parallelism | None = None,
+                    chunk_bytes: int | None = None, remat: str | None = None) -> jax.Array:
     """log π_θ of each target token of a rollout batch (`rollout_batch`) -> f32 [N, T] (0 off the completion).
 
     The forward replays batch["selection"] when present (keep routing / keep the DSA selection); with
     keep_sampling_mask the softmax is over each token's recorded kept vocabulary, so π_θ and the sampler's
-    π_old share one action space. Logits [N, T, V] are formed whole: rollout batches are short.
+    π_old share one action space. chunk_bytes bounds the f32 logits held at once (as `head_cross_entropy`:
+    strided position chunks in a rematerialised scan, the kept-vocabulary bits unpacked per chunk), so long
+    completions never hold [N, T, V]; None forms them whole. remat: the layer scan's rematerialisation
+    policy (`model.remat_policy`), as in the other training stages.
     """
     aux = model.forward_hidden(params, batch["tokens"], config, positions=batch["positions"],
                                segment_ids=batch["segment_ids"], selection=batch.get("selection"),
-                               parallel=parallel)
-    logits = model.lm_head(params, aux.hidden)
-    mask = None
-    if keep_sampling_mask:  # prompt and padding positions keep the whole vocabulary: no all -inf row, no NaN
-        mask = sampling.unpack_mask(batch["mask_bits"], logits.shape[-1]) | (batch["completion"] <= 0)[..., None]
-    lp = token_logprobs(logits, batch["targets"], temperature=temperature, mask=mask)
-    return jnp.where(batch["completion"] > 0, lp, 0.0)
+                               remat=remat, parallel=parallel)
+    head = params["lm_head"]
+    vocab = head.shape[-1]
+    completion = batch["completion"] > 0
+    bits = batch["mask_bits"] if keep_sampling_mask else None
+
+    def logprobs(h, targets, done, words):
+        logits = model.lm_head(params, h)
+        mask = None
+        if words is not None:  # prompt and padding positions keep the whole vocabulary: no all -inf row, no NaN
+            mask = sampling.unpack_mask(words, vocab) | (~done)[..., None]
+        return jnp.where(done, token_logprobs(logits, targets, temperature=temperature, mask=mask), 0.0)
+
+    n_rows, length = batch["targets"].shape
+    n = 1 if chunk_bytes is None else losses.ce_chunks(n_rows, length, vocab, chunk_bytes)
+    if n == 1:
+        return logprobs(aux.hidden, batch["targets"], completion, bits)
+
+    def split(x):  # [N, T, ...] -> [n, N, T/n, ...]: chunk k holds positions k, k+n, ... (see head_cross_entropy)
+        return jnp.moveaxis(x.reshape((n_rows, length // n, n) + x.shape[2:]), 2, 0)
+
+    @jax.checkpoint
+    def chunk(_, xs):
+        return None, logprobs(*xs)
+
+    xs = (split(aux.hidden), split(batch["targets"]), split(completion), None if bits is None else split(bits))
+    _, lp = jax.lax.scan(chunk, None, xs)  # [n, N, T/n]
+    return jnp.moveaxis(lp, 0, 2).reshape(n_rows, length)
 
 
 # ------------------------------------------------------------------------------------ objective

@@ -271,7 +271,9 @@ def _grpo_loss(params, base, mb, config: Config, tc: TrainConfig, parallel: Para
     """−J of one micro-batch of a rollout batch (`grpo.rollout_batch` + "advantages" [N]), as a share of
     the global batch (÷ grad_accum: sequences weigh the same in every micro-batch)."""
     g = tc.grpo
-    kw = dict(temperature=g.temperature, keep_sampling_mask=g.keep_sampling_mask, parallel=parallel)
+    devices = 1 if parallel is None else parallel.mesh.size  # the logits are split over the mesh (as in _loss)
+    kw = dict(temperature=g.temperature, keep_sampling_mask=g.keep_sampling_mask, parallel=parallel, remat=tc.remat,
+              chunk_bytes=None if tc.ce_chunk_bytes is None else tc.ce_chunk_bytes * devices)
     lp = grpo_lib.policy_logprobs(params, mb, config, **kw)
     ref = grpo_lib.policy_logprobs(base, mb, config, **kw) if g.kl_beta else None  # adapters off
     loss, metrics = grpo_lib.objective(lp, mb["old_logprob"], mb["advantages"], mb["completion"], g, ref_logp=ref)

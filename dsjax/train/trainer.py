@@ -86,19 +86,26 @@ def _exporter() -> Callable:
 def load_initial(rc: RunConfig) -> tuple[Config, Any]:
     """(config, params) from rc.init_ckpt (training run, converted Orbax checkpoint, or HF directory) or
     fresh random params for rc.model."""
-    opts = dict(rc.model_options)
-    path = rc.init_ckpt
+    return load_model(rc.init_ckpt, rc.model, rc.model_options, seed=rc.seed, parallel=rc.parallel)
+
+
+def load_model(path: str | None, model: Config | None, options: Mapping[str, Any], *, seed: int = 0,
+               parallel: Parallelism | None = None) -> tuple[Config, Any]:
+    """(config, params) from a checkpoint `path` (training run, converted Orbax checkpoint, or HF directory;
+    `model`, when also given, must describe it) or fresh random params for `model`; `options` set dsjax
+    runtime options (dtype, param_dtype, backends, index_topk) on the config."""
+    opts = dict(options)
     if path is None:
-        if rc.model is None:
+        if model is None:
             raise ValueError("give a model config (--config=tiny, ...) or a checkpoint (--init_ckpt=DIR).")
-        config = rc.model.replace(**opts) if opts else rc.model
-        return config, init_params(config, jax.random.key(rc.seed))
+        config = model.replace(**opts) if opts else model
+        return config, init_params(config, jax.random.key(seed))
     # a training run (e.g. stage 2 starting from the indexer warm-up; LoRA adapters merged), a converted
     # checkpoint or an HF directory: checkpoints.load tells them apart, and says what it found otherwise
-    config, params = checkpoints.load(path, parallel=rc.parallel, dtype=opts.get("param_dtype"))
+    config, params = checkpoints.load(path, parallel=parallel, dtype=opts.get("param_dtype"))
     config = config.replace(**opts)
-    if rc.model is not None:  # --config / --vocab_size given too: they must describe the checkpoint's model
-        want, got = rc.model.replace(**opts).to_hf(), config.to_hf()
+    if model is not None:  # --config / --vocab_size given too: they must describe the checkpoint's model
+        want, got = model.replace(**opts).to_hf(), config.to_hf()
         diff = [f"{k}: {want[k]!r} (given) vs {got.get(k)!r} (checkpoint)" for k in want if want[k] != got.get(k)]
         if diff:
             raise ValueError(f"the model config given (--config / --vocab_size) is not the one of --init_ckpt={path} "
@@ -107,7 +114,7 @@ def load_initial(rc: RunConfig) -> tuple[Config, Any]:
     return config, params
 
 
-def _to_save(state: Mapping[str, Any], tc: step_lib.TrainConfig) -> dict[str, Any]:
+def to_save(state: Mapping[str, Any], tc: step_lib.TrainConfig) -> dict[str, Any]:
     """What a checkpoint holds: the whole state, except that a LoRA run keeps, of the base params, only the
     leaves it changes (`step.changed_params`; none in sft): a 671B base is not rewritten at every save."""
     if tc.lora is None:
@@ -119,7 +126,7 @@ def _to_save(state: Mapping[str, Any], tc: step_lib.TrainConfig) -> dict[str, An
     return out
 
 
-def _from_saved(state: Mapping[str, Any], saved: Mapping[str, Any], tc: step_lib.TrainConfig) -> dict[str, Any]:
+def from_saved(state: Mapping[str, Any], saved: Mapping[str, Any], tc: step_lib.TrainConfig) -> dict[str, Any]:
     """Inverse of `_to_save`, given the run's fresh state (whose params hold the base)."""
     if tc.lora is None:
         return dict(saved)
@@ -234,8 +241,11 @@ def validate(config: Config, rc: RunConfig) -> None:
     parallel_lib.check(rc.parallel, config)
 
 
-def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) -> RunResult:
-    """Train for rc.steps optimizer steps (continuing a resumed run up to that total)."""
+def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None,
+        stop_when: Callable[[int, Any], bool] | None = None) -> RunResult:
+    """Train for rc.steps optimizer steps (continuing a resumed run up to that total).
+    on_step(step, scalars) sees each step's metrics; stop_when(step, state) returning True ends the run
+    there (saved; RunResult.stopped_early), e.g. once a model reaches a target accuracy."""
     t_start = time.perf_counter()  # the time limit covers set-up and compilation too
     if rc.init_ckpt is None and rc.model is not None:  # fail fast, before initialising parameters
         validate(rc.model.replace(**rc.model_options), rc)
@@ -256,7 +266,7 @@ def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) ->
              "metrics": os.path.abspath(os.path.join(rc.workdir, "metrics.jsonl")),
              "loss_curve": os.path.abspath(os.path.join(rc.workdir, "loss_curve.png"))}
     # a checkpoint must fit before anything is compiled (each save checks again)
-    diskspace.require_free(rc.workdir, sum(x.nbytes for x in jax.tree.leaves(_to_save(state, tc)))
+    diskspace.require_free(rc.workdir, sum(x.nbytes for x in jax.tree.leaves(to_save(state, tc)))
                            // jax.process_count(), "saving a checkpoint")
     ck = ckpt_lib.TrainCheckpointer(paths["checkpoints"], save_every=rc.save_every, keep=rc.keep)
     meta = _meta(config, rc)
@@ -271,8 +281,8 @@ def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) ->
                          "continue that run, or choose a new --workdir.")
     if latest is not None:
         _check_resume(ck.read_meta(latest), meta, paths["checkpoints"])
-        saved, _ = ck.restore(_to_save(state, tc), it, latest)
-        state = _from_saved(state, saved, tc)
+        saved, _ = ck.restore(to_save(state, tc), it, latest)
+        state = from_saved(state, saved, tc)
     start = int(state["step"])
 
     step_fn = step_lib.compiled_step(config, tc, rc.parallel)
@@ -305,16 +315,17 @@ def run(rc: RunConfig, *, on_step: Callable[[int, dict], None] | None = None) ->
                 if on_step is not None:
                     on_step(step + 1, scalars)
                 ck.check()  # a failed async save stops the run here
-                ck.save(step + 1, _to_save(state, tc), it, meta)
+                ck.save(step + 1, to_save(state, tc), it, meta)
                 if guard.requested:
                     preempted = True
-                    ck.save(step + 1, _to_save(state, tc), it, meta, force=True)
+                    ck.save(step + 1, to_save(state, tc), it, meta, force=True)
                     break
-                if rc.time_limit_s is not None and now - t_start > rc.time_limit_s and step + 1 < rc.steps:
+                if step + 1 < rc.steps and ((rc.time_limit_s is not None and now - t_start > rc.time_limit_s)
+                                            or (stop_when is not None and stop_when(step + 1, state))):
                     stopped = True
                     break
             final = int(state["step"])
-            ck.save(final, _to_save(state, tc), it, meta, force=True)
+            ck.save(final, to_save(state, tc), it, meta, force=True)
             ck.wait()
     finally:
         if bar is not None:
