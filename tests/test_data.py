@@ -189,7 +189,7 @@ def test_non_utf8_text_is_replaced_with_a_warning(tok, tmp_path, caplog):
     jl = tmpfile(tmp_path, "latin1.jsonl")
     open(jl, "wb").write(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     with caplog.at_level("WARNING"):
-        docs = data._read_text(txt, "\n\n") + data._read_jsonl(jl)
+        docs = data._read_text(txt, "\n\n") + data.read_jsonl(jl)
     assert [d["text"] for d in docs] == ["alpha beta caf\ufffd gamma", "delta na\ufffdve", "ok", "caf\ufffd"]
     warned = [r.getMessage() for r in caplog.records if "invalid UTF-8" in r.getMessage()]
     assert len(warned) == 2 and txt in warned[0] and "2 invalid UTF-8" in warned[0] and jl in warned[1], warned

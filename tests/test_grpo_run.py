@@ -84,10 +84,10 @@ def test_resume_is_bit_identical_and_metrics_are_logged(task, tmp_path):
 def test_prompt_records_are_checked(tmp_path):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "1+1=", "answer": "2"}\n{"answer": "3"}\n')
-    with pytest.raises(ValueError, match=r"p.jsonl:2: a prompt record needs 'prompt'"):
+    with pytest.raises(ValueError, match=r"p.jsonl line 2: a prompt record needs 'prompt'"):
         rl.read_prompts(str(bad))
     bad.write_text("{oops\n")
-    with pytest.raises(ValueError, match=r"p.jsonl:1 is not JSON"):
+    with pytest.raises(ValueError, match=r"p.jsonl line 1: not valid JSON"):
         rl.read_prompts(str(bad))
 
 

@@ -1,5 +1,5 @@
 """Memory is O(L) in every compiled program that touches attention: the forward, the decode step and the train
-step of each stage (sft, indexer_warmup, sparse). Each is compiled (not run) for abstract inputs at L and 2L
+step of each stage (sft, indexer_warmup, sparse, grpo). Each is compiled (not run) for abstract inputs at L and 2L
 on the `tiny` preset (top-k 64, so DSA prunes), and the post-optimisation HLO is scanned: no buffer of
 >= 0.75·L² elements (an L×L mask or score array; the largest legitimate buffers are per query chunk,
 chunk × heads × L = L²/2 at L = 2048), and temp memory and the largest buffer grow <= 2.1x per doubling.
@@ -75,3 +75,36 @@ def test_train_step_is_linear_in_length(stage):
              "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
     prof = _check(lambda s, b: step_lib.train_step(s, b, config=CFG, tc=tc), lambda n: (state, _batch(n)))
     assert prof[LENGTHS[1]]["temp"] < 512 << 20  # tiny at 4K tokens: a few hundred MB at most
+
+
+@pytest.mark.slow
+def test_grpo_step_is_linear_in_length():
+    """The RL step too: LoRA with the KL reference forward, the rollout's routing and DSA keys replayed
+    ([1, L, layers, top-k] inputs: linear), the kept-vocabulary bits, log-probs over position chunks."""
+    from dsjax import lora
+    from dsjax.train import grpo
+
+    tc = step_lib.TrainConfig(stage="grpo", grpo=grpo.GRPOConfig(group_size=2, kl_beta=0.01),
+                              lora=lora.LoraConfig(rank=4), ce_chunk_bytes=1 << 20,
+                              optim=schedule.OptimConfig(warmup_steps=0, total_steps=10))
+    params = dsjax.abstract_params(CFG)
+    adapters = jax.eval_shape(lambda: lora.init(CFG, tc.lora, jax.random.key(0)))
+    opt = jax.eval_shape(lambda p, a: step_lib.make_optimizer(tc.optim).init(
+        step_lib.trainable({"params": p, "lora": a}, tc)), params, adapters)
+    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "lora": adapters, "opt_state": opt,
+             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+
+    def batch(n):
+        def rows(*tail, dtype=jnp.int32):
+            return jax.ShapeDtypeStruct((1, n) + tail, dtype)
+
+        k = CFG.index_topk
+        return {"tokens": rows(), "targets": rows(), "positions": rows(), "segment_ids": rows(),
+                "completion": rows(dtype=jnp.float32), "old_logprob": rows(dtype=jnp.float32),
+                "mask_bits": rows(CFG.vocab_size // 32, dtype=jnp.uint32),
+                "advantages": jax.ShapeDtypeStruct((1,), jnp.float32),
+                "selection": {"dense": rows(CFG.n_dense_layers, k), "moe": rows(CFG.n_moe_layers, k),
+                              "moe_experts": rows(CFG.n_moe_layers, CFG.num_experts_per_tok)}}
+
+    prof = _check(lambda s, b: step_lib.train_step(s, b, config=CFG, tc=tc), lambda n: (state, batch(n)))
+    assert prof[LENGTHS[1]]["temp"] < 512 << 20

@@ -28,7 +28,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import grain
 import numpy as np
@@ -123,7 +123,11 @@ def _utf8(raw: bytes, where: str) -> str:
         return text
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str, check: Callable[[Any, str], dict] | None = None) -> list[dict]:
+    """The records of a JSONL file (one JSON object a line; non-UTF-8 bytes replaced with a warning), each
+    passed through check(record, "FILE line N") (default: a training document, {"text"} or {"messages"});
+    a bad line is one DataError naming it."""
+    check = _check_record if check is None else check
     docs = []
     with open(path, "rb") as f:
         text = _utf8(f.read(), path)
@@ -134,7 +138,7 @@ def _read_jsonl(path: str) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path} line {n}: not valid JSON ({e.msg}); fix or remove the line.") from None
-        docs.append(_check_record(rec, f"{path} line {n}"))
+        docs.append(check(rec, f"{path} line {n}"))
     return docs
 
 
@@ -166,7 +170,7 @@ def read_documents(cfg: DataConfig) -> grain.MapDataset:
             src = grain.sources.ArrayRecordDataSource([path])
             ds = grain.MapDataset.source(src).map(_decode_record)
         elif fmt == "jsonl":
-            ds = grain.MapDataset.source(_read_jsonl(path))
+            ds = grain.MapDataset.source(read_jsonl(path))
         else:
             ds = grain.MapDataset.source(_read_text(path, cfg.text_separator))
         if len(ds) == 0:

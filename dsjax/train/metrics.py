@@ -83,19 +83,29 @@ def read_metrics(path: str) -> list[dict[str, float]]:
 
 def plot_loss_curve(rows: list[Mapping[str, float]], path: str, title: str = "dsjax training") -> str:
     """Write the loss curve (total loss and each logged term) to a PNG; returns the path."""
+    series = []
+    for key in ("loss", "ce", "mtp", "indexer_kl", "mtp_indexer_kl"):
+        pts = [(r["step"], r.get(key, np.nan)) for r in rows]
+        if any(key in r for r in rows):
+            series.append((key, pts, {"lw": 1.2 if key == "loss" else 0.9}))
+    return plot_series(series, path, xlabel="step", ylabel="loss (nats / token)", title=title)
+
+
+def plot_series(series: list[tuple[str | None, list[tuple[float, float]], Mapping[str, Any]]], path: str, *,
+                xlabel: str, ylabel: str, title: str) -> str:
+    """Line plot of (label or None: no legend entry, [(x, y), ...], matplotlib kwargs) series to a PNG
+    (empty series skipped)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    steps = [r["step"] for r in rows]
-    for key in ("loss", "ce", "mtp", "indexer_kl", "mtp_indexer_kl"):
-        ys = [r.get(key) for r in rows]
-        if any(y is not None for y in ys):
-            ax.plot(steps, [np.nan if y is None else y for y in ys], label=key, lw=1.2 if key == "loss" else 0.9)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
+    for label, pts, kw in series:
+        if pts:
+            ax.plot(*zip(*pts), label=label if label is not None else "_nolegend_", **kw)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

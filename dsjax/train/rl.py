@@ -39,6 +39,7 @@ from dsjax.generate import generate, generate_with_stats
 from dsjax.parallel import Parallelism
 from dsjax.tokenizer import Tokenizer
 from dsjax.train import checkpointing as ckpt_lib
+from dsjax.train import data as data_lib
 from dsjax.train import grpo as grpo_lib
 from dsjax.train import metrics as metrics_lib
 from dsjax.train import rewards as rewards_lib
@@ -107,24 +108,18 @@ class RLResult:
 
 
 # --------------------------------------------------------------------------------------------- prompts
+def _check_prompt(rec: Any, where: str) -> dict:
+    if not isinstance(rec, dict) or not (isinstance(rec.get("prompt"), str) or isinstance(rec.get("messages"), list)):
+        raise ValueError(f"{where}: a prompt record needs 'prompt' (text) or 'messages' (a list of "
+                         "{'role', 'content'}).")
+    return rec
+
+
 def read_prompts(path: str) -> list[dict[str, Any]]:
     """Prompt records of a JSONL file; a bad line is one ValueError naming it."""
     if not os.path.isfile(path):
         raise ValueError(f"prompt file {path!r} does not exist; pass a JSONL of {{'prompt': ..., 'answer': ...}}.")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i} is not JSON ({e.msg}); each line must be one prompt record.") from None
-            if not isinstance(rec, dict) or not (isinstance(rec.get("prompt"), str)
-                                                 or isinstance(rec.get("messages"), list)):
-                raise ValueError(f"{path}:{i}: a prompt record needs 'prompt' (text) or 'messages' (a list of "
-                                 "{'role', 'content'}).")
-            out.append(rec)
+    out = data_lib.read_jsonl(path, _check_prompt)
     if not out:
         raise ValueError(f"{path} holds no prompt records.")
     return out
@@ -237,31 +232,23 @@ def _check_resume(old: Mapping[str, Any], new: Mapping[str, Any], directory: str
                          f"({'; '.join(diff[:6])}); resume with the original flags or use a new --workdir.")
 
 
-def plot_curve(rows: Sequence[Mapping[str, float]], path: str, title: str = "dsjax GRPO") -> str:
-    """Reward mean, train accuracy (sampled) and held-out accuracy (greedy) against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for key, style in (("reward_mean", "-"), ("accuracy", "-")):
+def plot_curve(rows: Sequence[Mapping[str, float]], path: str, title: str = "dsjax GRPO", window: int = 20) -> str:
+    """Reward mean and train accuracy of the rollouts (each step faint, a `window`-step moving average bold)
+    and the held-out accuracy (greedy) against step, as a PNG."""
+    series = []
+    for key, color in (("reward_mean", "tab:blue"), ("accuracy", "tab:orange")):
         pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts), style, lw=0.9, alpha=0.8, label=f"{key} (rollouts)")
-    ev = [(r["step"], r["heldout_accuracy"]) for r in rows if "heldout_accuracy" in r]
-    if ev:
-        ax.plot(*zip(*ev), "o-", lw=1.6, color="black", label="held-out accuracy (greedy)")
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("reward / accuracy")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+        if key == "accuracy" and pts == [(r["step"], r["reward_mean"]) for r in rows if "reward_mean" in r]:
+            continue  # the reward is the accuracy: one line
+        ys = np.asarray([y for _, y in pts])
+        avg = [np.mean(ys[max(0, i + 1 - window):i + 1]) for i in range(len(ys))]
+        series += [(None, pts, {"lw": 0.6, "alpha": 0.35, "color": color}),
+                   (f"{key} (rollouts, {window}-step mean)", [(x, y) for (x, _), y in zip(pts, avg)],
+                    {"lw": 1.4, "color": color})]
+    series.append(("held-out accuracy (greedy)", [(r["step"], r["heldout_accuracy"]) for r in rows
+                                                  if "heldout_accuracy" in r],
+                   {"marker": "o", "lw": 1.6, "color": "black"}))
+    return metrics_lib.plot_series(series, path, xlabel="GRPO step", ylabel="reward / accuracy", title=title)
 
 
 def run(rc: RLConfig, reward: rewards_lib.RewardFn, accuracy: rewards_lib.RewardFn | None = None, *,
