@@ -1,6 +1,6 @@
 """GRPO fine-tuning of a DeepSeek V3.2 / V3 model with DeepSeek V3.2's stabilisers (spec §10.3, §10.5).
 
-    python experiments/grpo.py --workdir=runs/grpo          # the shipped demonstration (~5 min on 2 CPU cores)
+    python experiments/grpo.py --workdir=runs/grpo          # the shipped demonstration (5-9 min on 2 CPU cores)
     python experiments/grpo.py --flagfile=experiments/configs/v32_grpo_lora.flags   # your model and prompts
 
 With its default flags (--task=addition) the script runs a whole demonstration in --workdir: it writes a
