@@ -75,6 +75,14 @@ def test_resume_is_bit_identical_and_metrics_are_logged(task, tmp_path):
     assert ck.all_steps()[-2:] == [2, 4] and ck.read_meta()["rl"]["updates_per_rollout"] == 2
     ck.close()
 
+    # the user's path: the run's checkpoints load as a model (the adapters merged into the base they trained)
+    import checkpoints
+
+    config, params = checkpoints.load(straight.paths["checkpoints"])
+    want = lora.merge(straight.state["params"], straight.state["lora"], config, _config(task, tmp_path, 1).train.lora)
+    for a, b in zip(_leaves(params), _leaves(want)):
+        np.testing.assert_array_equal(a, b)
+
     with pytest.raises(ValueError, match="different settings.*rl.top_k"):
         rl.run(dataclasses.replace(_config(task, tmp_path / "b", STEPS + 2, resume=True), top_k=4), reward, acc)
     with pytest.raises(ValueError, match="already holds checkpoints"):

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+import checkpoints
 from checkpoints import diskspace
 from dsjax import lora as lora_lib
 from dsjax import parallel as parallel_lib
@@ -214,7 +215,10 @@ def _meta(config: Config, rc: RLConfig) -> dict[str, Any]:
                                                 "updates_per_rollout", "keep_routing", "keep_selection", "chat",
                                                 "seed")},
             "data": trainer.data_fingerprint([rc.prompts]),
-            "init_ckpt": None if rc.init_ckpt is None else os.path.abspath(rc.init_ckpt)}
+            # where the base came from: a LoRA run's checkpoints hold only adapters (checkpoints.load merges
+            # them into this base, refusing one that has moved on), as trainer's do
+            "init_ckpt": None if rc.init_ckpt is None else os.path.abspath(rc.init_ckpt), "seed": rc.seed,
+            "init_step": None if rc.init_ckpt is None else checkpoints.describe(rc.init_ckpt).step}
 
 
 def _check_resume(old: Mapping[str, Any], new: Mapping[str, Any], directory: str) -> None:
@@ -224,7 +228,7 @@ def _check_resume(old: Mapping[str, Any], new: Mapping[str, Any], directory: str
     for part in ("rl", "train", "config"):
         o, n = old.get(part, {}), new[part]
         diff += [f"{part}.{k}: {o.get(k)!r} -> {n[k]!r}" for k in n if o.get(k) != n[k]]
-    for k in ("data", "init_ckpt"):
+    for k in ("data", "init_ckpt", "init_step"):
         if old.get(k) != new[k]:
             diff.append(f"{k}: {old.get(k)!r} -> {new[k]!r}")
     if diff:
