@@ -87,12 +87,11 @@ class FlagError(ValueError):
 
 
 def parse_mesh(spec: str | None):
-    """The run's layout (`sharding.MeshParallelism`) from --mesh; None for one device."""
+    """The run's layout (`sharding.parallelism_from_spec`) of --mesh; None for one device."""
     import sharding
 
     try:
-        mesh = sharding.mesh_from_spec(spec)
-        return None if mesh is None else sharding.MeshParallelism(mesh)
+        return sharding.parallelism_from_spec(spec)
     except ValueError as e:
         raise FlagError(f"--mesh: {e}") from None
 

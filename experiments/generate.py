@@ -55,13 +55,11 @@ flags.DEFINE_bool("warmup", False, "Compile with an untimed 2-token run first, s
 
 
 def parse_mesh(text, config):
-    """The layout (`sharding.MeshParallelism` over `sharding.make_mesh`) from "axis=size,..." (None for
-    no mesh)."""
+    """The layout (`sharding.parallelism_from_spec`) of --mesh; None for no mesh."""
     import sharding
 
     try:
-        mesh = sharding.mesh_from_spec(text, config=config)
-        return None if mesh is None else sharding.MeshParallelism(mesh)
+        return sharding.parallelism_from_spec(text, config=config)
     except ValueError as e:
         raise app.UsageError(f"--mesh: {e}") from None
 

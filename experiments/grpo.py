@@ -108,17 +108,6 @@ class FlagError(ValueError):
     pass
 
 
-def parse_mesh(spec: str | None):
-    """The run's layout (`sharding.MeshParallelism`) from --mesh; None for one device."""
-    import sharding
-
-    try:
-        mesh = sharding.mesh_from_spec(spec)
-    except ValueError as e:
-        raise FlagError(f"--mesh: {e}") from None
-    return None if mesh is None else sharding.MeshParallelism(mesh)
-
-
 def reward_functions():
     """(reward, accuracy) from the flags: accuracy is the exact-answer reward alone."""
     from dsjax.train import rewards
@@ -196,21 +185,22 @@ def sft_start(workdir: str, files: dict[str, str]) -> str:
             weight_decay=0.01)))
     tok = Tokenizer.from_file(files["tokenizer"])
     probe = rl.read_prompts(files["prompts"])[:200]
+    probe_ids = [rl.encode_prompt(tok, r) for r in probe]
     seen = {"accuracy": 0.0}
 
+    def measure(params) -> float:
+        seen["accuracy"] = rl.answer_accuracy(params, config, tok, probe, rewards.exact_answer(),
+                                              max_new_tokens=FLAGS.digits + 2, prompts=probe_ids)
+        return seen["accuracy"]
+
     def competent(step: int, state) -> bool:
-        if step % 25:
-            return False
-        seen["accuracy"] = rl.answer_accuracy(state["params"], config, tok, probe, rewards.exact_answer(),
-                                              max_new_tokens=FLAGS.digits + 2)
-        return seen["accuracy"] >= FLAGS.sft_target
+        return step % 25 == 0 and measure(state["params"]) >= FLAGS.sft_target
 
     print(f"SFT start: a fresh tiny V3.2 ({dsjax.count_params(dsjax.abstract_params(config)) / 1e6:.1f}M params) on "
           f"{files['sft']}, until {FLAGS.sft_target:.0%} of training problems are answered (at most {n} steps)")
     res = run(rc, stop_when=competent)
     if not res.stopped_early:
-        seen["accuracy"] = rl.answer_accuracy(res.state["params"], config, tok, probe, rewards.exact_answer(),
-                                              max_new_tokens=FLAGS.digits + 2)
+        measure(res.state["params"])
     with open(marker, "w") as f:
         json.dump({"step": res.step, "accuracy": seen["accuracy"]}, f)
     print(f"SFT: {res.step} steps, loss {res.rows[0]['ce']:.3f} -> {res.rows[-1]['ce']:.3f} nats/token, "
@@ -227,7 +217,12 @@ def build():
     options = {k: getattr(FLAGS, k) for k in ("dtype", "param_dtype") if getattr(FLAGS, k)}
     reward, accuracy = reward_functions()
     tc = train_config(FLAGS.schedule_steps or FLAGS.steps)  # flag errors before any work
-    parallel = parse_mesh(FLAGS.mesh)
+    import sharding
+
+    try:
+        parallel = sharding.parallelism_from_spec(FLAGS.mesh)
+    except ValueError as e:
+        raise FlagError(f"--mesh: {e}") from None
     if FLAGS.task == "addition":
         import addition_task
 

@@ -34,7 +34,7 @@ from dsjax.moe import Routing
 from dsjax.parallel import Parallelism
 from sharding.context_parallel import SEQUENCE_AXIS, make_attend, zigzag_order
 from sharding.expert_parallel import DEFAULT_BUFFER_BYTES, IMPLS, make_dispatch
-from sharding.mesh import axis_size, check_mesh
+from sharding.mesh import axis_size, check_mesh, mesh_from_spec
 from sharding.placement import param_shardings, put, shard_params
 from sharding.rules import LOGITS_AXES, TOKEN_AXES, logical_to_sharding
 
@@ -93,6 +93,13 @@ def as_parallelism(layout: Mesh | MeshParallelism, **options: Any) -> MeshParall
     if isinstance(layout, MeshParallelism):
         return dataclasses.replace(layout, **options) if options else layout
     return MeshParallelism(layout, **options)
+
+
+def parallelism_from_spec(text: str | None, *, config: Config | None = None) -> MeshParallelism | None:
+    """The layout of a --mesh flag ("expert=8,tensor=2"): `MeshParallelism` over `mesh_from_spec`; None for
+    an empty spec (one device). ValueError as `mesh_from_spec`."""
+    mesh = mesh_from_spec(text, config=config)
+    return None if mesh is None else MeshParallelism(mesh)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh) -> jax.Array:

@@ -19,6 +19,7 @@ MoE routing and DSA keys (`batch["selection"]`, `dsjax.train.step.selection`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping
 
 import jax
@@ -125,13 +126,11 @@ def policy_logprobs(params: Mapping, batch: Mapping[str, jax.Array], config: Con
     if n == 1:
         return logprobs(aux.hidden, batch["targets"], completion, bits)
 
-    def split(x):  # [N, T, ...] -> [n, N, T/n, ...]: chunk k holds positions k, k+n, ... (see head_cross_entropy)
-        return jnp.moveaxis(x.reshape((n_rows, length // n, n) + x.shape[2:]), 2, 0)
-
     @jax.checkpoint
     def chunk(_, xs):
         return None, logprobs(*xs)
 
+    split = functools.partial(losses.strided_chunks, n=n)
     xs = (split(aux.hidden), split(batch["targets"]), split(completion), None if bits is None else split(bits))
     _, lp = jax.lax.scan(chunk, None, xs)  # [n, N, T/n]
     return jnp.moveaxis(lp, 0, 2).reshape(n_rows, length)

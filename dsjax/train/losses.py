@@ -34,6 +34,12 @@ def ce_chunks(batch: int, length: int, vocab: int, chunk_bytes: int) -> int:
     return length
 
 
+def strided_chunks(x: jax.Array, n: int) -> jax.Array:
+    """[B, L, ...] -> [n, B, L/n, ...]: chunk k holds positions k, k+n, k+2n, ... (see head_cross_entropy)."""
+    b, length = x.shape[:2]
+    return jnp.moveaxis(x.reshape((b, length // n, n) + x.shape[2:]), 2, 0)
+
+
 def head_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array, *,
                        chunk_bytes: int | None = None) -> tuple[jax.Array, jax.Array]:
     """`cross_entropy(hidden @ head, ...)` without ever holding all the logits.
@@ -51,9 +57,6 @@ def head_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, w
     if n == 1:
         return cross_entropy(dense_fp32(hidden, head), targets, weights)
 
-    def split(x):  # [B, L, ...] -> [n, B, L/n, ...]: chunk k holds positions k, k+n, ...
-        return jnp.moveaxis(x.reshape((b, length // n, n) + x.shape[2:]), 2, 0)
-
     @jax.checkpoint
     def chunk(carry, xs):
         h, t, w = xs
@@ -61,7 +64,8 @@ def head_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, w
         return (carry[0] + nll, carry[1] + count), None
 
     zero = jnp.zeros((), jnp.float32)
-    (nll, count), _ = jax.lax.scan(chunk, (zero, zero), (split(hidden), split(targets), split(weights)))
+    (nll, count), _ = jax.lax.scan(chunk, (zero, zero), (strided_chunks(hidden, n), strided_chunks(targets, n),
+                                                     strided_chunks(weights, n)))
     return nll, count
 
 

@@ -155,28 +155,31 @@ def decode(tok: Tokenizer, ids: Sequence[int]) -> str:
 
 def answer_accuracy(params: Any, config: Config, tok: Tokenizer, records: Sequence[Mapping[str, Any]],
                     accuracy: rewards_lib.RewardFn, *, max_new_tokens: int, chat: bool = True, batch: int = 256,
-                    parallel: Parallelism | None = None) -> float:
-    """Mean `accuracy` of the greedy answers to `records` (held-out evaluation)."""
+                    parallel: Parallelism | None = None, prompts: Sequence[list[int]] | None = None) -> float:
+    """Mean `accuracy` of the greedy answers to `records` (held-out evaluation); prompts: their token ids
+    when already encoded (`encode_prompt`)."""
+    ids = [encode_prompt(tok, r, chat=chat) for r in records] if prompts is None else prompts
     scores = []
     for i in range(0, len(records), batch):
         recs = records[i:i + batch]
-        prompts = [encode_prompt(tok, r, chat=chat) for r in recs]
-        out = generate(params, config, prompts, max_new_tokens=max_new_tokens, stop_tokens=(tok.eos_id,),
+        out = generate(params, config, ids[i:i + batch], max_new_tokens=max_new_tokens, stop_tokens=(tok.eos_id,),
                        parallel=parallel)
         texts = [decode(tok, o) for o in out]
         scores.append(rewards_lib.score(accuracy, [prompt_text(r) for r in recs], texts, recs))
     return float(np.mean(np.concatenate(scores)))
 
 
-def rollout(params: Any, config: Config, tok: Tokenizer, records: Sequence[Mapping[str, Any]], rc: RLConfig,
-            reward: rewards_lib.RewardFn, accuracy: rewards_lib.RewardFn | None, *, seed: int,
+def rollout(params: Any, config: Config, tok: Tokenizer, records: Sequence[Mapping[str, Any]],
+            prompt_ids: Sequence[list[int]], rc: RLConfig, reward: rewards_lib.RewardFn,
+            accuracy: rewards_lib.RewardFn | None, *, seed: int,
             length: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """G sampled completions of each record -> (the GRPO training batch [N, length] with advantages,
-    host metrics: reward mean/std, groups with signal, train accuracy, completion length, rollout time)."""
+    """G sampled completions of each record (prompt_ids: its tokens, `encode_prompt`) -> (the GRPO training
+    batch [N, length] with advantages, host metrics: reward mean/std, groups with signal, train accuracy,
+    completion length, rollout time)."""
     g = rc.train.grpo
     t0 = time.perf_counter()
     recs = [r for r in records for _ in range(g.group_size)]  # each prompt's G completions adjacent
-    prompts = [encode_prompt(tok, r, chat=rc.chat) for r in recs]
+    prompts = [p for p in prompt_ids for _ in range(g.group_size)]
     res = generate_with_stats(params, config, prompts, max_new_tokens=rc.max_new_tokens, temperature=g.temperature,
                               top_k=rc.top_k, top_p=rc.top_p, seed=seed, stop_tokens=(tok.eos_id,),
                               parallel=rc.parallel, record=True)
@@ -270,8 +273,9 @@ def run(rc: RLConfig, reward: rewards_lib.RewardFn, accuracy: rewards_lib.Reward
                                         parallel=rc.parallel)
     step_lib.check_stage(config, tc)
     parallel_lib.check(rc.parallel, config)
-    length = row_length([encode_prompt(tok, r, chat=rc.chat) for r in records], rc.max_new_tokens,
-                        rc.max_prompt_tokens, rc.prompts)
+    ids = [encode_prompt(tok, r, chat=rc.chat) for r in records]  # tokenized once for the run
+    held_ids = [encode_prompt(tok, r, chat=rc.chat) for r in held]
+    length = row_length(ids, rc.max_new_tokens, rc.max_prompt_tokens, rc.prompts)
     if length > config.max_position_embeddings:
         raise ValueError(f"the longest prompt + max_new_tokens ({length} tokens) exceeds the model's "
                          f"max_position_embeddings={config.max_position_embeddings}; lower --max_new_tokens.")
@@ -314,7 +318,7 @@ def run(rc: RLConfig, reward: rewards_lib.RewardFn, accuracy: rewards_lib.Reward
         if not held:
             return {}
         acc = answer_accuracy(policy_fn(state), config, tok, held, accuracy, max_new_tokens=rc.max_new_tokens,
-                              chat=rc.chat, parallel=rc.parallel)
+                              chat=rc.chat, parallel=rc.parallel, prompts=held_ids)
         return {"heldout_accuracy": acc}
 
     def emit(step: int, scalars: dict[str, float]) -> None:
@@ -333,8 +337,9 @@ def run(rc: RLConfig, reward: rewards_lib.RewardFn, accuracy: rewards_lib.Reward
         with ckpt_lib.PreemptionGuard() as guard:
             for step in range(start, rc.steps):
                 idx = np.asarray(next(it))
-                host, scalars = rollout(policy_fn(state), config, tok, [records[i] for i in idx], rc, reward,
-                                        accuracy, seed=rc.seed * 1_000_003 + step, length=length)
+                host, scalars = rollout(policy_fn(state), config, tok, [records[i] for i in idx],
+                                        [ids[i] for i in idx], rc, reward, accuracy,
+                                        seed=rc.seed * 1_000_003 + step, length=length)
                 batch = trainer.place_batch(_local_rows(host), rc.parallel)
                 t0 = time.perf_counter()
                 ms = []
