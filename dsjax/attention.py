@@ -218,14 +218,14 @@ def _attend_with_indexer_loss(q: Queries, kv: Latents, config: Config, mode: str
         with jax.named_scope("indexer_kl"):
             return o_lat, indexer_loss_lib.sparse_kl(*ind, *tgt, idx, lse=lse, scale=c.softmax_scale), idx
     with jax.named_scope("dense_mla"):
-        o_lat = pallas_kernels.dense_mla(*tgt, scale=c.softmax_scale, backend=c.attention_backend,
-                                         interpret=c.kernel_interpret, **vis)
+        o_lat, lse = pallas_kernels.dense_mla_with_lse(*tgt, scale=c.softmax_scale, backend=c.attention_backend,
+                                                       interpret=c.kernel_interpret, **vis)
     if mode == "dense_recall":  # evaluation: the indexer's top-k recall of the dense attention's top-k
         with jax.named_scope("indexer_recall"):
             return o_lat, indexer_loss_lib.dense_recall(*ind, *tgt, scale=c.softmax_scale, topk=c.index_topk,
                                                         **vis), None
-    with jax.named_scope("indexer_kl"):
-        return o_lat, indexer_loss_lib.dense_kl(*ind, *tgt, scale=c.softmax_scale, **vis), None
+    with jax.named_scope("indexer_kl"):  # the target from the attention's own lse (the kernels' statistics)
+        return o_lat, indexer_loss_lib.dense_kl(*ind, *tgt, scale=c.softmax_scale, lse=lse, **vis), None
 
 
 def mla(p: Mapping[str, Any], x: jax.Array, cos: jax.Array, sin: jax.Array, config: Config, *,

@@ -88,10 +88,14 @@ def _index_grads(d_scores, logits, q, w, keys):
     return dq, dw, dk
 
 
-def _dense_target(qn, qr, kvn, kr, vis, scale):
-    """Head-summed, L1-normalised causal attention probabilities [B, c, S] of one query chunk."""
+def _dense_target(qn, qr, kvn, kr, vis, scale, lse=None):
+    """Head-summed, L1-normalised causal attention probabilities [B, c, S] of one query chunk. lse: the
+    attention's own log-sum-exp [B, c, H] (from `pallas_kernels.dense_mla_with_lse`), else computed here."""
     sc = (jnp.einsum("bthc,bsc->bths", qn.astype(F32), kvn.astype(F32))
           + jnp.einsum("bthr,bsr->bths", qr.astype(F32), kr.astype(F32))) * scale
+    if lse is not None:  # one pass: no max / sum over the keys (lse = +inf for an empty query -> P = 0)
+        p = jnp.where(vis[:, :, None, :], jnp.exp(sc - lse.astype(F32)[..., None]), 0.0)
+        return _normalise(jnp.sum(p, axis=2))
     sc = jnp.where(vis[:, :, None, :], sc, -jnp.inf)
     m = jnp.max(sc, axis=-1, keepdims=True)
     p = jnp.exp(sc - jnp.where(jnp.isfinite(m), m, 0.0))
@@ -113,10 +117,10 @@ def _sparse_target(qn, qr, kvn, kr, idx, lse, scale):
 # ----------------------------------------------------------------------------- the chunked scan
 def _dense_select(x, shared, scale, k):
     """Stage 1: target over every visible key; the indexer keys are shared by the chunk's queries."""
-    qnc, qrc, qpc, qsc = x
+    qnc, qrc, qpc, qsc = x[:4]
     kvn, kr, kp, ks = shared
     vis = R.visibility(qpc, kp, qsc, ks)
-    return _dense_target(qnc, qrc, kvn, kr, vis, scale), vis, k, None
+    return _dense_target(qnc, qrc, kvn, kr, vis, scale, x[4] if len(x) > 4 else None), vis, k, None
 
 
 def _sparse_select(x, shared, scale, k):
@@ -130,6 +134,7 @@ def _sparse_select(x, shared, scale, k):
 
 _STAGES = {  # select function, pad value of each per-query target input
     "dense": (_dense_select, (0, 0, -1, 0)),  # q_nope, q_rope, q_positions, q_segment_ids
+    "dense_lse": (_dense_select, (0, 0, -1, 0, jnp.inf)),  # ... and the attention's lse
     "sparse": (_sparse_select, (0, 0, -1, jnp.inf)),  # q_nope, q_rope, indices, lse
 }
 
@@ -199,13 +204,15 @@ def _visibility_inputs(q_positions, k_positions, q_segment_ids, k_segment_ids, b
 
 
 def dense_kl(q, w, k, q_nope, q_rope, kv_nope, k_rope, *, scale: float, q_positions, k_positions=None,
-             q_segment_ids=None, k_segment_ids=None, chunk_size: int | None = None) -> jax.Array:
+             q_segment_ids=None, k_segment_ids=None, lse=None, chunk_size: int | None = None) -> jax.Array:
     """Stage-1 indexer loss: mean over queries of KL(p_t || softmax(I_t)) over every visible key.
 
     Indexer side (differentiable): q [B, T, Hi, Di], w [B, T, Hi] (scales folded in), k [B, S, Di].
     Main attention (target, stop-gradient): q_nope [B, T, H, Dc], q_rope [B, T, H, Dr],
     kv_nope [B, S, Dc], k_rope [B, S, Dr], softmax `scale`. Visibility as `pallas_kernels.dense_mla`:
-    k_pos <= q_pos, k_pos >= 0, equal segment ids. Returns a f32 scalar.
+    k_pos <= q_pos, k_pos >= 0, equal segment ids. lse: f32 [B, T, H] of that attention
+    (`pallas_kernels.dense_mla_with_lse`, the flash kernels' statistics): the target is then exp(S - lse) in
+    one pass; without it each chunk normalises its own scores. Returns a f32 scalar.
     """
     b, t, h, _ = q_nope.shape
     s_len = kv_nope.shape[1]
@@ -213,6 +220,9 @@ def dense_kl(q, w, k, q_nope, q_rope, kv_nope, k_rope, *, scale: float, q_positi
     hi = q.shape[2]
     c = chunk_size or R.auto_chunk(t, b * (h + 2 * hi) * s_len * 4 * 2, 256)
     qn, qr, kvn, kr = (_sg(x) for x in (q_nope, q_rope, kv_nope, k_rope))
+    if lse is not None:
+        return _kl("dense_lse", float(scale), int(c), q, w, k, (qn, qr, qp, qs, _sg(lse).astype(F32)),
+                   (kvn, kr, kp, ks))
     return _kl("dense", float(scale), int(c), q, w, k, (qn, qr, qp, qs), (kvn, kr, kp, ks))
 
 

@@ -82,12 +82,32 @@ def _indexer(name, b, t, s, hi=64, di=128, topk=2048, dtype=BF16):
     return Case(name, fn, (((b, t, hi, di), dtype), ((b, t, hi), F32), ((b, s, di), dtype)))
 
 
+def _dense(name, b, t, s, h, dc=512, dr=64, grad=False, dtype=BF16):
+    """Dense causal MLA (V3, the warm-up): the flash kernels, forward or forward + both backward kernels."""
+    args = (((b, t, h, dc), dtype), ((b, t, h, dr), dtype), ((b, s, dc), dtype), ((b, s, dr), dtype))
+    qpos = jnp.arange(s - t, s)
+
+    def fwd(qn, qr, kvn, kr):
+        return pallas_kernels.dense_mla_with_lse(qn, qr, kvn, kr, scale=0.1, q_positions=qpos,
+                                                 backend="pallas_gpu")
+
+    def grad_fn(qn, qr, kvn, kr):
+        def loss(*x):
+            o, lse = fwd(*x)
+            return jnp.sum(o.astype(F32)) + jnp.sum(jnp.where(jnp.isinf(lse), 0.0, lse))
+        return jax.grad(loss, argnums=(0, 1, 2, 3))(qn, qr, kvn, kr)
+
+    return Case(name, grad_fn if grad else fwd, args)
+
+
 def real_cases() -> list[Case]:
     return [_sparse("sparse_mla fwd B1 T256 S8K", 1, 256, 8192, 128, 2048),
             _sparse("sparse_mla grad B1 T256 S8K", 1, 256, 8192, 128, 2048, grad=True),
             _sparse("sparse_mla decode B64 S8K", 64, 1, 8192, 128, 2048),
             _indexer("indexer_topk prefill T256 S8K", 1, 256, 8192),
-            _indexer("indexer_topk decode B64 S8K", 64, 1, 8192)]
+            _indexer("indexer_topk decode B64 S8K", 64, 1, 8192),
+            _dense("dense_mla fwd B1 T4K", 1, 4096, 4096, 128),
+            _dense("dense_mla grad B1 T4K", 1, 4096, 4096, 128, grad=True)]
 
 
 def test_cases() -> list[Case]:
@@ -95,7 +115,9 @@ def test_cases() -> list[Case]:
             _sparse("t: grad b2 t13 h3", 2, 13, 29, 3, 21, dc=32, dr=16, grad=True, dtype=F32),
             _sparse("t: grad h1 bf16", 1, 9, 40, 1, 33, dc=64, dr=16, grad=True),
             _sparse("t: decode b4", 4, 1, 48, 4, 40, dc=32, dr=16, dtype=F32),
-            _indexer("t: indexer", 2, 150, 150, hi=4, di=32, topk=48, dtype=F32)]
+            _indexer("t: indexer", 2, 150, 150, hi=4, di=32, topk=48, dtype=F32),
+            _dense("t: dense grad b2 t13 h3", 2, 13, 13, 3, dc=32, dr=16, grad=True, dtype=F32),
+            _dense("t: dense grad t70 h3", 2, 70, 70, 3, dc=32, dr=16, grad=True, dtype=F32)]
 
 
 def canary_cases() -> list[Case]:

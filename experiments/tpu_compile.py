@@ -59,7 +59,7 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding  # n
 import dsjax  # noqa: E402
 import pallas_kernels  # noqa: E402
 import sharding  # noqa: E402
-from pallas_kernels import indexer_tpu, latent_pack, sparse_mla_tpu  # noqa: E402
+from pallas_kernels import dense_mla_tpu, indexer_tpu, latent_pack, sparse_mla_tpu  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("generations", ["v5e", "v5p", "v6e"], "TPU generations to compile for.")
@@ -93,6 +93,9 @@ class Case:
     tokens: int  # query tokens per call (for per-token figures)
     dma_per_token: float  # DMA descriptors each query token issues (kernel design)
     decode: bool = False
+    # outputs that the model consumes inside the step (the compiler picks their layout, as for "auto" args;
+    # with XLA's default entry layouts a [.., 64]-wide gradient returned as is is copied to put 64 off the lanes)
+    auto_outputs: bool = False
 
 
 # ----------------------------------------------------------------------------- cases
@@ -170,6 +173,37 @@ def _indexer_case(name, b, t, s, hi, di, *, topk=None, dtype=BF16, tiles=None):
     return Case(name, fn, args, b * s * di * 2, s, (di,), b * t, -(-s // bs) / bq + 1, decode=t == 1)
 
 
+def _dense_case(name, b, t, s, h, *, dc=512, dr=64, grad=False, blocks=None):
+    """Dense causal MLA (V3, the warm-up): the flash kernels through the public op, or with a test's blocks.
+
+    The queries are the last t of s positions (t = s: causal self-attention)."""
+    args = (((b, t, h, dc), BF16, AUTO), ((b, t, h, dr), BF16, AUTO), ((b, s, dc), BF16, AUTO),
+            ((b, s, dr), BF16, AUTO))
+    qpos = jnp.arange(s - t, s)
+
+    def fwd(qn, qr, kvn, kr):
+        if blocks is None:
+            return pallas_kernels.dense_mla_with_lse(qn, qr, kvn, kr, scale=0.1, q_positions=qpos,
+                                                     backend="pallas_tpu")
+        return dense_mla_tpu.forward(qn, qr, kvn, kr, scale=0.1, q_positions=qpos, **blocks["fwd"])
+
+    def grad_fn(qn, qr, kvn, kr):
+        if blocks is not None:
+            out, lse = fwd(qn, qr, kvn, kr)
+            return dense_mla_tpu.backward(qn, qr, kvn, kr, out, lse, out, lse, scale=0.1, q_positions=qpos,
+                                          **blocks["bwd"])
+
+        def loss(*x):
+            o, lse = fwd(*x)
+            return jnp.sum(o.astype(F32)) + jnp.sum(jnp.where(jnp.isinf(lse), 0.0, lse))
+        return jax.grad(loss, argnums=(0, 1, 2, 3))(qn, qr, kvn, kr)
+
+    # per query block: one key block DMA per visited block (causal self-attention: about half of them)
+    bq = dense_mla_tpu.tokens_per_block(h, 256)
+    return Case(name, grad_fn if grad else fwd, args, b * s * (dc + dr) * 2, s, (dc, dr), b * t,
+                (-(-s // 512) / 2 + 1) / bq, auto_outputs=True)
+
+
 def real_cases() -> list[Case]:
     return [
         _sparse_case("sparse_mla fwd   B1 T256 S8K", 1, 256, 8192, 128, 2048),
@@ -178,6 +212,8 @@ def real_cases() -> list[Case]:
         _indexer_case("indexer_topk prefill T256 S8K", 1, 256, 8192, 64, 128, topk=2048),
         _indexer_case("indexer_topk decode B64 S8K", 64, 1, 8192, 64, 128, topk=2048),
         _indexer_case("indexer_scores T256 S8K", 1, 256, 8192, 64, 128),
+        _dense_case("dense_mla fwd   B1 T4K", 1, 4096, 4096, 128),
+        _dense_case("dense_mla grad  B1 T4K", 1, 4096, 4096, 128, grad=True),
     ]
 
 
@@ -198,6 +234,14 @@ def test_cases() -> list[Case]:
         _indexer_case("t: indexer small tiles", 2, 40, 300, 4, 32, dtype=F32, tiles=dict(block_q=8, block_k=128)),
         _indexer_case("t: indexer default tiles", 1, 40, 200, 4, 32, dtype=BF16),
         _indexer_case("t: indexer topk", 2, 150, 150, 4, 32, topk=48, dtype=F32),
+        # tests/test_dense_mla_kernels.py: its blocks (several per axis) and the public op's defaults
+        _dense_case("t: dense blocks t300 h3", 2, 300, 300, 3, dc=128, dr=64, grad=True,
+                    blocks=dict(fwd=dict(block_rows=128, block_k=128),
+                                bwd=dict(block_rows=128, block_k=128, dkv_block_rows=128, dkv_block_k=128))),
+        _dense_case("t: dense blocks offset", 2, 150, 337, 3, dc=128, dr=64, grad=True,
+                    blocks=dict(fwd=dict(block_rows=128, block_k=128),
+                                bwd=dict(block_rows=128, block_k=128, dkv_block_rows=128, dkv_block_k=128))),
+        _dense_case("t: dense op t13 h3", 2, 13, 13, 3, dc=128, dr=64, grad=True),
     ]
 
 
@@ -316,7 +360,8 @@ def compile_case(case: Case, device) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         with jax.default_device(device):  # Mosaic's lowering asks the default device for the chip's tiling
-            compiled = jax.jit(case.fn, in_shardings=in_shardings).trace(*args).lower().compile()
+            kw = dict(out_shardings=Format(Layout.AUTO, shd)) if case.auto_outputs else {}
+            compiled = jax.jit(case.fn, in_shardings=in_shardings, **kw).trace(*args).lower().compile()
     except Exception as e:  # noqa: BLE001 - a compiler error is this check's finding
         msg = str(e)
         return {"ok": False, "error": msg if FLAGS.verbose else msg.strip().splitlines()[0][:300],

@@ -187,12 +187,13 @@ def sparse_mla(q_nope, q_rope, kv_nope, k_rope, indices, *, scale: float, chunk_
 
 
 # ----------------------------------------------------------------------------- dense (causal) MLA
-def dense_mla(q_nope, q_rope, kv_nope, k_rope, *, scale: float, q_positions=None, k_positions=None,
-              q_segment_ids=None, k_segment_ids=None, chunk_size: int | None = None) -> jax.Array:
+def dense_mla_with_lse(q_nope, q_rope, kv_nope, k_rope, *, scale: float, q_positions=None, k_positions=None,
+                       q_segment_ids=None, k_segment_ids=None, chunk_size: int | None = None):
     """Causal MQA attention over all visible latent rows (DSA when every causal key is selected).
 
-    q_nope [B,T,H,Dc], q_rope [B,T,H,Dr], kv_nope [B,S,Dc], k_rope [B,S,Dr] -> [B,T,H,Dc].
-    Scans over query chunks with a rematerialised body, so the backward never holds [T, H, S].
+    q_nope [B,T,H,Dc], q_rope [B,T,H,Dr], kv_nope [B,S,Dc], k_rope [B,S,Dr] -> (out [B,T,H,Dc], lse f32
+    [B,T,H], +inf for a query that sees no key). Scans over query chunks with a rematerialised body, so the
+    backward never holds [T, H, S].
     """
     b, t, h, dc = q_nope.shape
     s_len = kv_nope.shape[1]
@@ -217,10 +218,20 @@ def dense_mla(q_nope, q_rope, kv_nope, k_rope, *, scale: float, q_positions=None
         m = jnp.where(jnp.isfinite(m), m, 0.0)
         p = jnp.exp(sc - m)
         l = jnp.sum(p, axis=-1, keepdims=True)
-        return (jnp.einsum("bths,bsc->bthc", p, kvn) / jnp.where(l > 0, l, 1.0)).astype(q_nope.dtype)
+        nonempty = l[..., 0] > 0
+        lse = jnp.where(nonempty, m[..., 0] + jnp.log(jnp.where(nonempty, l[..., 0], 1.0)), jnp.inf)
+        return (jnp.einsum("bths,bsc->bthc", p, kvn) / jnp.where(l > 0, l, 1.0)).astype(q_nope.dtype), lse
 
-    _, out = jax.lax.scan(lambda _, x: (None, chunk_fn(*x)), None, xs)
-    return _unchunk(out)[:, :t]
+    _, (out, lse) = jax.lax.scan(lambda _, x: (None, chunk_fn(*x)), None, xs)
+    return _unchunk(out)[:, :t], _unchunk(lse)[:, :t]
+
+
+def dense_mla(q_nope, q_rope, kv_nope, k_rope, *, scale: float, q_positions=None, k_positions=None,
+              q_segment_ids=None, k_segment_ids=None, chunk_size: int | None = None) -> jax.Array:
+    """`dense_mla_with_lse` without the lse: [B,T,H,Dc]."""
+    return dense_mla_with_lse(q_nope, q_rope, kv_nope, k_rope, scale=scale, q_positions=q_positions,
+                              k_positions=k_positions, q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
+                              chunk_size=chunk_size)[0]
 
 
 # ----------------------------------------------------------------------------- lightning indexer

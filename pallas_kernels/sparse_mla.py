@@ -1,4 +1,4 @@
-"""Dispatch of the MLA attention ops (sparse DSA gather, and dense causal).
+"""Dispatch of the sparse MLA attention ops (DSA's gather; the dense causal op is `dense_mla`).
 
 `sparse_mla` / `sparse_mla_with_lse` run one of three implementations of the same op:
   * "pallas_tpu": `sparse_mla_tpu` (Mosaic: one token x all heads per grid step, one DMA per selected
@@ -153,17 +153,3 @@ def sparse_mla_cached(q_nope, q_rope, rows, layer, indices, *, scale: float, bac
                            tpu=tpu if sparse_mla_tpu.supports(dc, dr) else None, gpu=unpacked("pallas_gpu"))
     b = resolve_backend(backend, IMPLEMENTED)
     return tpu(*args) if b == "pallas_tpu" else unpacked(b)(*args)
-
-
-def dense_mla(q_nope, q_rope, kv_nope, k_rope, *, scale: float, q_positions=None, k_positions=None,
-              q_segment_ids=None, k_segment_ids=None, backend: str | None = None, interpret: bool = False,
-              chunk_size: int | None = None):
-    """Causal MQA attention over every visible latent row (DSA when all causal keys are selected).
-
-    Shapes as `sparse_mla`; visibility is k_pos <= q_pos, k_pos >= 0 and equal segment ids.
-    Runs the XLA chunked path on every platform (dense causal attention is not DSA's bottleneck).
-    """
-    del backend, interpret
-    return reference.dense_mla(q_nope, q_rope, kv_nope, k_rope, scale=scale, q_positions=q_positions,
-                               k_positions=k_positions, q_segment_ids=q_segment_ids,
-                               k_segment_ids=k_segment_ids, chunk_size=chunk_size)

@@ -1,7 +1,8 @@
 """The GPU kernels through the real compilers: the Triton modules Pallas emits, compiled to cubins for sm_90
 (H100/H200) and sm_100 (B200) by the `triton` wheel, with `ptxas -v` (experiments/gpu_compile.py).
 
-Every kernel the public ops emit (sparse MLA forward, backward, decode; the indexer behind top-k) must fit the
+Every kernel the public ops emit (sparse MLA forward, backward, decode; the indexer behind top-k; dense causal
+flash MLA forward, dQ and dK/dV) must fit the
 232,448 B of shared memory one block may use, at the real V3.2 shapes and at the interpret-mode tests' shapes;
 registers and spills are reported. A canary (the backward with the forward's 64-head block, which needs
 311,296 B) shows the check can fail. Needs triton installed apart from the environment, as the README's test
@@ -43,7 +44,9 @@ def test_every_gpu_kernel_fits_h100_h200_b200(tmp_path):
     for cc in ("sm_90", "sm_100"):
         for kernel in ("sparse_mla fwd B1 T256 S8K #0 sparse_mla_fwd_gpu", "sparse_mla grad B1 T256 S8K #1 sparse_mla_bwd_gpu",
                        "sparse_mla decode B64 S8K #0 sparse_mla_fwd_gpu", "indexer_topk prefill", "t: fwd", "t: grad",
-                       "t: decode", "t: indexer"):
+                       "t: decode", "t: indexer", "dense_mla fwd B1 T4K #0 dense_mla_fwd_gpu",
+                       "dense_mla grad B1 T4K #1 dense_mla_dq_gpu", "dense_mla grad B1 T4K #2 dense_mla_dkv_gpu",
+                       "t: dense grad t70 h3 #2 dense_mla_dkv_gpu"):
             assert f"{cc} {kernel}" in names, (cc, kernel)
     for name, r in res.items():  # every kernel reports its registers (ptxas -v ran)
         assert r["registers"] > 0, name

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import dsjax
+import pallas_kernels
 from dsjax import indexer_loss, model
 from pallas_kernels import reference as R
 from test_indexer_kernels import np_init
@@ -65,6 +66,24 @@ def test_dense_kl_value_and_gradients_match_autodiff_of_naive():
     g_tgt = jax.jit(jax.grad(lambda qn, kvn: indexer_loss.dense_kl(*ind, qn, tgt[1], kvn, tgt[3], scale=SCALE,
                                                                    chunk_size=5, **kw), argnums=(0, 1)))(tgt[0], tgt[2])
     assert all(not np.asarray(x).any() for x in g_tgt)
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas_gpu"])
+def test_dense_kl_from_the_attentions_lse(backend):
+    """The warm-up's path: the target recomputed from the dense attention's lse (the GPU flash kernel's, in
+    interpret mode, or the XLA scan's) gives the same loss and gradients as the naive reference."""
+    ind, tgt = _inputs(1)
+    pos = jnp.asarray([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, -1]] * 2)
+    seg = jnp.asarray([[0] * 5 + [1] * 7 + [2]] * 2)
+    kw = dict(q_positions=pos, k_positions=pos, q_segment_ids=seg, k_segment_ids=seg)
+    lse = pallas_kernels.dense_mla_with_lse(*tgt, scale=SCALE, backend=backend, interpret=backend != "xla",
+                                            **kw)[1]
+    assert np.isposinf(np.asarray(lse)[:, -1]).all()  # the padding query sees nothing
+
+    def loss(q, w, k):
+        return indexer_loss.dense_kl(q, w, k, *tgt, scale=SCALE, chunk_size=5, lse=lse, **kw)
+
+    _check_against_naive(loss, ind, tgt, R.visibility(pos, pos, seg, seg))
 
 
 def test_dense_recall_matches_a_numpy_count():

@@ -1,7 +1,7 @@
 """The TPU kernels through the real compilers: libtpu's Mosaic and XLA:TPU on compile-only topologies.
 
 `experiments/tpu_compile.py` compiles every TPU kernel path (sparse MLA forward, gradient and decode over the
-stacked packed cache; indexer scores and top-k, prefill and decode) for v5e, v5p and v6e in bf16, at the real
+stacked packed cache; indexer scores and top-k, prefill and decode; dense causal flash MLA forward and gradient) for v5e, v5p and v6e in bf16, at the real
 V3.2 shapes and at the exact shapes and block sizes of the interpret-mode numerics tests. It fails on a compile
 error, on a relayout copy of a cache-shaped buffer in the post-layout HLO, on a kernel output padded more than
 2x by its layout, and on decode temp memory above 10% of one layer's cache. It also compiles the sharded
@@ -46,7 +46,8 @@ def test_every_tpu_kernel_compiles_for_v5e_v5p_v6e(tmp_path):
         names = " | ".join(rs)
         for kernel in ("sparse_mla fwd", "sparse_mla grad", "sparse_mla decode", "indexer_topk prefill",
                        "indexer_topk decode", "indexer_scores", "t: fwd", "t: grad", "t: bwd", "t: decode",
-                       "t: race", "t: model", "t: indexer"):
+                       "t: race", "t: model", "t: indexer", "dense_mla fwd", "dense_mla grad",
+                       "t: dense blocks", "t: dense op"):
             assert kernel in names, (gen, kernel)
         # the layer scan's decode reads the stacked cache in place: no temp near one layer's cache
         dec = rs["sparse_mla decode B64 S8K L4"]
@@ -60,6 +61,11 @@ def test_every_tpu_kernel_compiles_for_v5e_v5p_v6e(tmp_path):
                 counts = rs[f"sharded forward v5p:2x2x2 {layout}"]["counts"]
                 assert all(counts.values()), counts
         # the compiled cost is the kernel's: 2·H·K·(Dc + Dr + Dc) FLOPs per token (FlashMLA's count)
+        # dense causal (flash) kernels: the forward keeps O(T) temp (no [T, S] buffer), its cost is the
+        # causal half of the pairs, 2·H·(S/2)·(Dc + Dr + Dc) FLOPs per token
+        dense = rs["dense_mla fwd   B1 T4K"]
+        assert dense["temp_bytes"] < 16 * 2**20, dense
+        assert abs(dense["flops"] / dense["tokens"] - 2 * 128 * 2048 * (512 + 64 + 512)) < 0.02 * 5.7e8, dense
         fwd = rs["sparse_mla fwd   B1 T256 S8K"]
         assert abs(fwd["flops"] / fwd["tokens"] - 2 * 128 * 2048 * (512 + 64 + 512)) < 0.02 * 5.7e8, fwd
 
