@@ -59,7 +59,6 @@ def dense_mla_with_lse(q_nope, q_rope, kv_nope, k_rope, *, scale: float, q_posit
     b, t = q_nope.shape[:2]
     s = kv_nope.shape[1]
     vis = visibility_inputs(q_positions, k_positions, q_segment_ids, k_segment_ids, b, t, s)
-    vis = (vis[0], vis[1], vis[2], vis[3])
 
     def xla(qn, qr, kvn, kr, vis):
         return reference.dense_mla_with_lse(qn, qr, kvn, kr, scale=scale, chunk_size=chunk_size, **_vis_kw(vis))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.sparse_mla_common import pad_axis, round_up
+from pallas_kernels.sparse_mla_common import pad_axis
 
 I32 = jnp.int32
 _BIG, _SMALL = jnp.iinfo(jnp.int32).max, jnp.iinfo(jnp.int32).min
@@ -121,7 +121,3 @@ def query_block_ranges(qp, qs, kp, ks, block_q: int, block_k: int):
     suf_seg = jax.lax.cummin(q_seg_min, axis=1, reverse=True)
     hi = _count((suf_seg,), (k_seg_max,), below=False)
     return lo, jnp.maximum(hi, lo)
-
-
-def padded_lengths(t: int, s: int, block_q: int, block_k: int) -> tuple[int, int]:
-    return round_up(t, block_q), round_up(s, block_k)
