@@ -7,6 +7,12 @@ Table 1: tokens/s of a full forward (same config, batch, tokens), and the ratio 
 Table 2: the official-numerics mode's cost: the same FP8 block-quantised model (bf16 compute) with
 `indexer_numerics="bf16"` (dequantised weights, bf16 matmuls: HF's numerics) and "official_fp8" (UE8M0
 activation quantisation before every FP8 linear, latent FP8 round trip, FP8 indexer), tokens/s and ratio.
+Table 4: the whole forward of one model at several L, with DSA (index_topk = `--crossover_topk`) and with
+every key selected (index_topk >= L: the dense path, the same result). The model keeps V3.2's per-pair cost
+ratio of attention to indexer, H·(2·C + Dr) / (Hi·Di) = 128·1088 / (64·128) = 17 (here 32·544 / (8·128)),
+with a thin MoE, so attention dominates as it does at long L in the real model.
+Table 5: the XLA sparse MLA's two formulations (gathered rows; dense over all S keys with the top-k mask
+applied inside each query chunk) at S / K around the crossover `method="auto"` switches at.
 Table 3: one attention layer at L = 4K and 16K with index_topk = 2048 and the real head/latent sizes scaled
 down: DSA (indexer top-k + gathered sparse MLA, O(L·k)) versus the dense-mask attention peers ship
 (scores for all L×L pairs, masked to the same top-k; evaluated in query chunks so it fits in RAM).
@@ -30,6 +36,9 @@ flags.DEFINE_string("config", "small", "dsjax preset to benchmark.")
 flags.DEFINE_integer("batch", 2, "Batch size of the full-model comparison.")
 flags.DEFINE_integer("seq_len", 512, "Sequence length of the full-model comparison.")
 flags.DEFINE_list("dsa_lengths", ["4096", "16384"], "Sequence lengths of the DSA-vs-dense table.")
+flags.DEFINE_list("crossover_lengths", ["512", "1024", "2048", "4096", "8192"],
+                  "Sequence lengths of the DSA-vs-every-key model table (table 4; empty to skip).")
+flags.DEFINE_integer("crossover_topk", 256, "index_topk of table 4.")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (best is reported).")
 flags.DEFINE_bool("skip_hf", False, "Skip the HF PyTorch comparison.")
 flags.DEFINE_bool("numerics", True, "Time the official-numerics mode against the bf16 mode (table 2).")
@@ -75,7 +84,7 @@ def full_model_table(cfg_name, batch, seq_len, repeats, skip_hf, profile_dir=Non
     n_tok = batch * seq_len
     print(f"\n## Full forward: preset={cfg_name}, {dsjax.count_params(params) / 1e6:.1f}M params, "
           f"batch={batch}, seq_len={seq_len} (index_topk={cfg.index_topk}: DSA prunes={seq_len > cfg.index_topk})")
-    print(f"| implementation | time (s) | tokens/s |\n|---|---|---|")
+    print("| implementation | time (s) | tokens/s |\n|---|---|---|")
     for name, t in rows:
         print(f"| {name} | {t:.3f} | {n_tok / t:,.0f} |")
     if len(rows) == 2:
@@ -167,6 +176,55 @@ def dsa_table(lengths, repeats):
         print(f"| {length} | {t_dsa:.2f} | {t_dense:.2f} | {t_dense / t_dsa:.2f}x | {t_attn:.2f} |")
 
 
+def crossover_table(lengths, topk, repeats):
+    import jax
+    import numpy as np
+
+    import dsjax
+
+    cfg = bench_utils.wide_dsa_config(topk)
+    params = dsjax.init_params(cfg, jax.random.key(0))
+    c = cfg
+    print(f"\n## DSA vs every key selected: the whole forward, batch 1, {dsjax.count_params(params) / 1e6:.1f}M "
+          f"params, H={c.num_attention_heads} over a {c.kv_lora_rank}+{c.qk_rope_head_dim} latent, indexer "
+          f"{c.index_n_heads}x{c.index_head_dim}, index_topk={topk}")
+    print("| L | DSA (s) | every key (s) | ratio every-key / DSA |\n|---|---|---|---|")
+    for length in lengths:
+        tokens = np.random.default_rng(length).integers(0, cfg.vocab_size, (1, length))
+        times = []
+        for k in (topk, max(topk, length)):  # index_topk >= L: every causal key, the dense path
+            ck = cfg.replace(index_topk=k)
+            times.append(_best(lambda: dsjax.forward(params, tokens, ck).block_until_ready(), repeats))
+        dsa = times[0] if length > topk else float("nan")
+        print(f"| {length} | {dsa:.3f} | {times[1]:.3f} | {times[1] / dsa:.2f}x |", flush=True)
+
+
+def gather_crossover_table(topk, repeats):
+    """Table 5: the two XLA sparse-MLA formulations at S / K near the crossover `method="auto"` uses."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import reference as R
+
+    c = bench_utils.wide_dsa_config(topk)
+    b, h, dc, dr = 1, c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
+    print(f"\n## Sparse MLA on XLA:CPU, one layer: gathered rows vs dense with the top-k mask in the chunk "
+          f"(H={h}, latent {dc}+{dr}, K={topk}; auto picks dense while S <= {R._GATHER_CROSSOVER}·K)")
+    print("| S / K | S | gathered (s) | masked dense (s) | dense / gathered |\n|---|---|---|---|---|")
+    for ratio in (1.5, 2, 3, 4):
+        s_len = int(ratio * topk)
+        ks = jax.random.split(jax.random.key(s_len), 5)
+        qn, qr = jax.random.normal(ks[0], (b, s_len, h, dc)), jax.random.normal(ks[1], (b, s_len, h, dr))
+        kvn, kr = jax.random.normal(ks[2], (b, s_len, dc)), jax.random.normal(ks[3], (b, s_len, dr))
+        causal = jnp.arange(s_len)[None, :] <= jnp.arange(s_len)[:, None]
+        idx = R.topk_indices(jnp.where(causal, jax.random.normal(ks[4], (s_len, s_len)), -jnp.inf), topk)[None]
+        t = {}
+        for m in ("gather", "dense"):
+            f = jax.jit(lambda *a, m=m: R.sparse_mla(*a, scale=0.1, method=m))
+            t[m] = _best(lambda: f(qn, qr, kvn, kr, idx).block_until_ready(), repeats)
+        print(f"| {ratio:g} | {s_len} | {t['gather']:.3f} | {t['dense']:.3f} | {t['dense'] / t['gather']:.2f}x |")
+
+
 def main(argv):
     del argv
     if FLAGS.profile:
@@ -177,6 +235,9 @@ def main(argv):
     full_model_table(FLAGS.config, FLAGS.batch, FLAGS.seq_len, FLAGS.repeats, FLAGS.skip_hf, FLAGS.profile)
     if FLAGS.numerics:
         numerics_table(FLAGS.config, FLAGS.batch, FLAGS.seq_len, FLAGS.repeats)
+    if FLAGS.crossover_lengths:
+        crossover_table([int(x) for x in FLAGS.crossover_lengths], FLAGS.crossover_topk, FLAGS.repeats)
+        gather_crossover_table(FLAGS.crossover_topk, FLAGS.repeats)
     dsa_table([int(x) for x in FLAGS.dsa_lengths], FLAGS.repeats)
 
 

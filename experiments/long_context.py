@@ -3,8 +3,8 @@ several lengths, with time, compiled temp memory and peak RSS, to show memory li
 
     python experiments/long_context.py [--prefill_lengths=16384,32768,131072] [--train_lengths=8192,32768]
 
-Prefill: the `small` preset (its head / indexer widths: 8 heads over a 128-wide latent, 8 indexer heads of
-64) with index_topk = 2048, one sequence through `dsjax.generate` in chunks of `--prefill_chunk` tokens
+Prefill: `bench_utils.wide_dsa_config` (V3.2's attention / indexer width ratio of 17: 32 heads over a
+256 + 32 latent, 8 indexer heads of 128; 2 layers) with index_topk = 2048, one sequence through `dsjax.generate` in chunks of `--prefill_chunk` tokens
 (each chunk's queries attend over the latent cache through the indexer's top-2048), one new token.
 Train: one `stage="sparse"` step (loss + grad + update) of the `tiny` preset at L tokens in one row.
 Each measurement runs in its own process, so its peak RSS is its own. Prints one table per part.
@@ -22,6 +22,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+
+from experiments import bench_utils  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("prefill_lengths", ["16384", "32768"], "Prompt lengths of the prefill part (131072 takes "
@@ -43,8 +45,7 @@ def _prefill(length: int) -> dict:
     import dsjax
     from dsjax.generate import generate_with_stats
 
-    cfg = dsjax.Config.preset("small", index_topk=FLAGS.index_topk, max_position_embeddings=max(32768, length + 8),
-                              num_nextn_predict_layers=0)
+    cfg = bench_utils.wide_dsa_config(FLAGS.index_topk, max_position_embeddings=max(65536, length + 8))
     params = dsjax.init_params(cfg, jax.random.key(0))
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, length).tolist()
     t0 = time.perf_counter()
@@ -102,7 +103,8 @@ def main(argv) -> None:
         print(json.dumps((_prefill if kind == "prefill" else _train)(int(n))))
         return
     if FLAGS.prefill_lengths:
-        print(f"\n## Chunked DSA prefill: preset small, index_topk={FLAGS.index_topk}, chunk {FLAGS.prefill_chunk}")
+        print(f"\n## Chunked DSA prefill: wide_dsa_config (width ratio 17), index_topk={FLAGS.index_topk}, "
+              f"chunk {FLAGS.prefill_chunk}")
         print("| prompt tokens | time (s) | tokens/s | peak RSS (GB) |\n|---|---|---|---|")
         for n in FLAGS.prefill_lengths:
             r = _run_one(f"prefill:{n}")
