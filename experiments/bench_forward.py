@@ -9,8 +9,10 @@ Table 2: the official-numerics mode's cost: the same FP8 block-quantised model (
 activation quantisation before every FP8 linear, latent FP8 round trip, FP8 indexer), tokens/s and ratio.
 Table 4: the whole forward of one model at several L, with DSA (index_topk = `--crossover_topk`) and with
 every key selected (index_topk >= L: the dense path, the same result). The model keeps V3.2's per-pair cost
-ratio of attention to indexer, H·(2·C + Dr) / (Hi·Di) = 128·1088 / (64·128) = 17 (here 32·544 / (8·128)),
-with a thin MoE, so attention dominates as it does at long L in the real model.
+ratio of attention to indexer, H·(2·C + Dr) / (Hi·Di) = 128·1088 / (64·128) = 17 (here H·544 / (H/4·128),
+H = 32 and 64: `bench_utils.wide_dsa_config`), with a thin MoE, so attention dominates as it does at long L
+in the real model. The indexer's top_k and the copies around attention do not grow with H, so the wider model
+shows more of the real model's ratio.
 Table 5: the XLA sparse MLA's two formulations (gathered rows; dense over all S keys with the top-k mask
 applied inside each query chunk) at S / K around the crossover `method="auto"` switches at.
 Table 3: one attention layer at L = 4K and 16K with index_topk = 2048 and the real head/latent sizes scaled
@@ -39,6 +41,7 @@ flags.DEFINE_list("dsa_lengths", ["4096", "16384"], "Sequence lengths of the DSA
 flags.DEFINE_list("crossover_lengths", ["512", "1024", "2048", "4096", "8192"],
                   "Sequence lengths of the DSA-vs-every-key model table (table 4; empty to skip).")
 flags.DEFINE_integer("crossover_topk", 256, "index_topk of table 4.")
+flags.DEFINE_list("crossover_heads", ["32", "64"], "MLA heads of table 4's models (indexer heads: a quarter).")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (best is reported).")
 flags.DEFINE_bool("skip_hf", False, "Skip the HF PyTorch comparison.")
 flags.DEFINE_bool("numerics", True, "Time the official-numerics mode against the bf16 mode (table 2).")
@@ -176,13 +179,13 @@ def dsa_table(lengths, repeats):
         print(f"| {length} | {t_dsa:.2f} | {t_dense:.2f} | {t_dense / t_dsa:.2f}x | {t_attn:.2f} |")
 
 
-def crossover_table(lengths, topk, repeats):
+def crossover_table(lengths, topk, repeats, heads=32):
     import jax
     import numpy as np
 
     import dsjax
 
-    cfg = bench_utils.wide_dsa_config(topk)
+    cfg = bench_utils.wide_dsa_config(topk, heads)
     params = dsjax.init_params(cfg, jax.random.key(0))
     c = cfg
     print(f"\n## DSA vs every key selected: the whole forward, batch 1, {dsjax.count_params(params) / 1e6:.1f}M "
@@ -236,7 +239,9 @@ def main(argv):
     if FLAGS.numerics:
         numerics_table(FLAGS.config, FLAGS.batch, FLAGS.seq_len, FLAGS.repeats)
     if FLAGS.crossover_lengths:
-        crossover_table([int(x) for x in FLAGS.crossover_lengths], FLAGS.crossover_topk, FLAGS.repeats)
+        for heads in FLAGS.crossover_heads:
+            crossover_table([int(x) for x in FLAGS.crossover_lengths], FLAGS.crossover_topk, FLAGS.repeats,
+                            int(heads))
         gather_crossover_table(FLAGS.crossover_topk, FLAGS.repeats)
     dsa_table([int(x) for x in FLAGS.dsa_lengths], FLAGS.repeats)
 

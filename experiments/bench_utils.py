@@ -23,15 +23,15 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def wide_dsa_config(index_topk: int, **overrides: Any):
+def wide_dsa_config(index_topk: int, heads: int = 32, **overrides: Any):
     """The long-context benchmark model: V3.2's per-(query, key) cost ratio of MLA to the indexer,
-    H·(2·C + Dr) / (Hi·Di) = 128·1088 / (64·128) = 17 (here 32·544 / (8·128)), 2 layers (one dense,
-    one MoE) and a thin MoE, vocabulary and hidden size, so attention dominates at long L as it does in
-    the real model. The `small` preset instead has 8 heads over a 128-wide latent (ratio 4.5)."""
+    H·(2·C + Dr) / (Hi·Di) = 128·1088 / (64·128) = 17 (here H·544 / (H/4·128), H = `heads`), 2 layers
+    (one dense, one MoE) and a thin MoE, vocabulary and hidden size, so attention dominates at long L as
+    it does in the real model. The `small` preset instead has 8 heads over a 128-wide latent (ratio 4.5)."""
     import dsjax
 
-    kw = dict(vocab_size=2048, num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=32,
-              kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, index_n_heads=8,
+    kw = dict(vocab_size=2048, num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=heads,
+              kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, index_n_heads=heads // 4,
               index_head_dim=128, index_topk=index_topk, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
               topk_group=2, moe_intermediate_size=128, intermediate_size=512, max_position_embeddings=65536,
               num_nextn_predict_layers=0)

@@ -5,7 +5,9 @@
     row of the packed latent cache `latent_pack`; bf16 compute with f32 accumulation);
   * "pallas_gpu": `sparse_mla_gpu` (Triton: heads as the matmul M dimension, pointer gathers; split-K
     over the top-k list when the grid is small, e.g. decode with T = 1);
-  * "xla": `reference.sparse_mla_with_lse` (chunked gather scan; the CPU path and the oracle).
+  * "xla": `reference.sparse_mla_with_lse` (the CPU path and the oracle: a loop over query-row blocks that
+    gathers each query's K rows, or, while S <= 2·K, attends densely with each block's top-k mask, where
+    XLA:CPU's dense matmuls are as fast as the gathered ones; the same attention either way).
 The kernels are differentiable through one `custom_vjp`: the forward kernel saves (out, lse), the backward
 kernel recomputes P from lse, owns dQ per program, and scatter-adds dK/dV (atomics on GPU, an XLA
 scatter-add of staged rows on TPU).
