@@ -26,6 +26,10 @@ _CPU_SPARSE_BUDGET_BYTES = 1 << 23
 # causal chunk scores at most S / 8 keys it cannot see.
 _WIDTH_BUCKETS = 8
 _PREFILTER_PASSES = 4  # bisection passes of `_below_kth_dropped`
+# Below this many keys `indexer_topk` scores every key and calls `top_k` once: the widths and the bound
+# save little there, and their nine `lax.switch` branches per call made every model compile ~1.6x slower
+# (the tiny-config test suite is mostly compiles).
+_WIDTH_MIN_KEYS = 512
 # `sparse_mla_with_lse(method="auto")` attends densely with the top-k mask while S <= this many times K.
 # One layer, H=32 over a 256+32 latent, K=256 (experiments/bench_forward.py, table 5): gathered vs masked
 # dense 0.055 vs 0.055 s at S = 2K, 0.091 vs 0.109 s at 3K, 0.124 vs 0.187 s at 4K.
@@ -403,7 +407,8 @@ def indexer_topk(q, w, k, *, topk: int, q_positions, k_positions=None, q_segment
     sequence attending to itself, chunk i of n reads the first (i + 1) / n of the keys), rounded up to
     one of `_WIDTH_BUCKETS` static widths picked per chunk by `lax.switch`. That halves both the score
     matmuls and the `top_k` work of a causal sequence; the keys left out are invisible, so the result is
-    the same as scoring all of them. The selection carries no gradient (the indexer trains on its KL loss).
+    the same as scoring all of them. Below `_WIDTH_MIN_KEYS` keys every chunk scores all of them.
+    The selection carries no gradient (the indexer trains on its KL loss).
     """
     q, w, k = jax.lax.stop_gradient((q, w, k))
     b, t, hi, _ = q.shape
@@ -415,6 +420,12 @@ def indexer_topk(q, w, k, *, topk: int, q_positions, k_positions=None, q_segment
     qs = jnp.asarray(q_segment_ids, jnp.int32) if has_seg else None
     ks = jnp.asarray(k_segment_ids, jnp.int32) if has_seg else None
     c = chunk_size or auto_chunk(t, b * hi * s_len * 4 * 2, 256)
+    if s_len < _WIDTH_MIN_KEYS:
+        def plain(start, size, out):
+            sc = _indexer_chunk(_rows(q, start, size), _rows(w, start, size), k, _rows(qp, start, size), kp,
+                                None if qs is None else _rows(qs, start, size), ks)
+            return _put_rows(out, topk_indices(sc, topk), start)
+        return _over_rows(t, c, plain, jnp.zeros((b, t, topk), jnp.int32))
     step = -(-s_len // _WIDTH_BUCKETS)
     widths = [min(i * step, s_len) for i in range(1, -(-s_len // step) + 1)]
 

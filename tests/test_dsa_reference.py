@@ -152,11 +152,15 @@ def _tied_indexer_inputs(rng, b, t, s, hi=4, di=8):
     return q, w, kk
 
 
+@pytest.mark.parametrize("widths", [True, False])
 @pytest.mark.parametrize("layout", ["causal", "cache_offset", "packed", "shuffled_keys"])
-def test_indexer_topk_causal_widths_give_the_full_width_result(layout):
+def test_indexer_topk_causal_widths_give_the_full_width_result(layout, widths, monkeypatch):
     """`indexer_topk` scores each chunk only up to the last key it may see (one of 8 static widths) and
     drops scores below a bisected bound before `top_k`. Neither may change a single index or its order,
-    ties included, against `top_k` over every key's score (`indexer_scores`)."""
+    ties included, against `top_k` over every key's score (`indexer_scores`). Short key ranges take the
+    plain path (`_WIDTH_MIN_KEYS`); `widths` forces the width path at this small S."""
+    if widths:
+        monkeypatch.setattr(R, "_WIDTH_MIN_KEYS", 0)
     rng = np.random.default_rng(1)
     b, t, s, k = 2, 40, 40, 6
     q, w, kk = _tied_indexer_inputs(rng, b, t, s)
