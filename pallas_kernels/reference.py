@@ -407,7 +407,8 @@ def indexer_topk(q, w, k, *, topk: int, q_positions, k_positions=None, q_segment
     sequence attending to itself, chunk i of n reads the first (i + 1) / n of the keys), rounded up to
     one of `_WIDTH_BUCKETS` static widths picked per chunk by `lax.switch`. That halves both the score
     matmuls and the `top_k` work of a causal sequence; the keys left out are invisible, so the result is
-    the same as scoring all of them. Below `_WIDTH_MIN_KEYS` keys every chunk scores all of them.
+    the same as scoring all of them. Below `_WIDTH_MIN_KEYS` keys every chunk scores all of them, with
+    no bound before `top_k`.
     The selection carries no gradient (the indexer trains on its KL loss).
     """
     q, w, k = jax.lax.stop_gradient((q, w, k))
@@ -420,12 +421,7 @@ def indexer_topk(q, w, k, *, topk: int, q_positions, k_positions=None, q_segment
     qs = jnp.asarray(q_segment_ids, jnp.int32) if has_seg else None
     ks = jnp.asarray(k_segment_ids, jnp.int32) if has_seg else None
     c = chunk_size or auto_chunk(t, b * hi * s_len * 4 * 2, 256)
-    if s_len < _WIDTH_MIN_KEYS:
-        def plain(start, size, out):
-            sc = _indexer_chunk(_rows(q, start, size), _rows(w, start, size), k, _rows(qp, start, size), kp,
-                                None if qs is None else _rows(qs, start, size), ks)
-            return _put_rows(out, topk_indices(sc, topk), start)
-        return _over_rows(t, c, plain, jnp.zeros((b, t, topk), jnp.int32))
+    plain = s_len < _WIDTH_MIN_KEYS
     step = -(-s_len // _WIDTH_BUCKETS)
     widths = [min(i * step, s_len) for i in range(1, -(-s_len // step) + 1)]
 
@@ -435,15 +431,19 @@ def indexer_topk(q, w, k, *, topk: int, q_positions, k_positions=None, q_segment
                 return jnp.full((b, size, topk), -1, jnp.int32)
             sc = _indexer_chunk(qc, wc, k[:, :width], qpc, kp[:, :width], qsc,
                                 None if ks is None else ks[:, :width])
-            idx = topk_indices(_below_kth_dropped(sc, min(topk, width)), min(topk, width))
-            return jnp.pad(idx, ((0, 0), (0, 0), (0, topk - idx.shape[-1])), constant_values=-1)
+            kw = min(topk, width)
+            idx = topk_indices(sc if plain else _below_kth_dropped(sc, kw), kw)
+            return jnp.pad(idx, ((0, 0), (0, 0), (0, topk - kw)), constant_values=-1)
         return run
 
     def fn(start, size, out):
         x = (_rows(q, start, size), _rows(w, start, size), _rows(qp, start, size),
              None if qs is None else _rows(qs, start, size))
-        n_steps = (_visible_width(x[2], kp) + step - 1) // step  # 0 .. len(widths)
-        idx = jax.lax.switch(n_steps, [by_width(wd, size) for wd in [0] + widths], *x)
+        if plain:
+            idx = by_width(s_len, size)(*x)
+        else:
+            n_steps = (_visible_width(x[2], kp) + step - 1) // step  # 0 .. len(widths)
+            idx = jax.lax.switch(n_steps, [by_width(wd, size) for wd in [0] + widths], *x)
         return _put_rows(out, idx, start)
 
     return _over_rows(t, c, fn, jnp.zeros((b, t, topk), jnp.int32))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -16,8 +17,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 _FAST_COMPILE = " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + _FAST_COMPILE
-
-import gc  # noqa: E402
 
 import hf_reference  # noqa: E402
 import jax  # noqa: E402
